@@ -1,0 +1,6 @@
+"""ControlSync's ComfyUI nodes: one file per node, plus bridge.py, the one module that talks to ComfyUI internals."""
+from .controlsync_sampler import ControlSyncSampler
+from .window_planner import WindowPlanner
+from .windowed_model import ControlSyncWindowedModel
+
+NODES = [WindowPlanner, ControlSyncSampler, ControlSyncWindowedModel]

@@ -1,0 +1,281 @@
+"""The one module that talks to ComfyUI internals.
+
+Windowed sampling is a CALC_COND_BATCH wrapper on a clone of the user's model: it sits below
+CFG, sees the conds before any ControlNet ran, and calls ComfyUI's own cond batching once per
+batch of windows with window-cropped latents, masks, spatial model conds and real `ControlBase`
+copies whose hints are window crops of the canvas-sized hint. Nothing is patched globally and
+nothing mutable is stored in `model_options`: per-run state lives in a context variable set by
+an OUTER_SAMPLE wrapper.
+"""
+from __future__ import annotations
+
+import contextvars
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+import comfy.conds
+import comfy.model_management
+import comfy.patcher_extension
+import comfy.utils
+
+from ..sampling import Merger, PlanError, gather
+
+WRAPPER_KEY = "controlsync.windows"
+# pre-run state that ControlBase.copy() does not carry over (set by pre_run on the originals)
+_CONTROL_RUN_STATE = ("timestep_range", "model_sampling_current", "control_model", "manual_cast_dtype")
+_run_state: contextvars.ContextVar["_Run | None"] = contextvars.ContextVar("controlsync_run", default=None)
+
+
+@dataclass(frozen=True)
+class WindowedConfig:
+    """Immutable: safe to share between model clones."""
+    plan: object          # anything with .layout(latent_hw, factor, multiple) -> RegionPlan
+    window_batch: int     # windows per model call; 0 = as many as memory allows
+
+
+def latent_geometry(model) -> tuple[int, int]:
+    """(pixels per latent cell, latent cells a window side must be a multiple of) for a ModelPatcher
+    or BaseModel, read from the model instead of assuming SD's 8x VAE."""
+    base = getattr(model, "model", model)
+    factor = getattr(base.latent_format, "spacial_downscale_ratio", 8)
+    patch = getattr(base.diffusion_model, "patch_size", 1)
+    return int(factor), int(patch) if isinstance(patch, int) and patch > 0 else 1
+
+
+def refuse_unsupported(model_options: dict) -> None:
+    if model_options.get("context_handler") is not None:
+        raise ValueError("model: ComfyUI's context windows are active on this MODEL (a context-window node is "
+                         "upstream); they do not crop ControlNet hints and cannot be combined with ControlSync "
+                         "windows. Remove the context-window node, or sample without ControlSync.")
+    if "multigpu_clones" in model_options:
+        raise ValueError("model: this MODEL is set up for ComfyUI's multi-GPU sampling; ControlSync windows need "
+                         "one device. Remove the multi-GPU node for this sampler.")
+
+
+def windowed_model(model, plan, window_batch: int = 0):
+    """A clone of `model` whose sampling runs the plan's windows; `model` itself is untouched."""
+    refuse_unsupported(model.model_options)
+    if model.get_wrappers(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY):
+        raise ValueError("model: this MODEL already carries a ControlSync window plan (from ControlSync Windowed "
+                         "Model); connect the original MODEL instead of windowing it twice.")
+    config = WindowedConfig(plan, int(window_batch))
+    clone = model.clone()
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
+                               functools.partial(_outer_sample, config))
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY,
+                               functools.partial(_calc_cond_batch, config))
+    return clone
+
+
+def _outer_sample(config, executor, *args, **kwargs):
+    run = _Run(config)
+    token = _run_state.set(run)
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        _run_state.reset(token)
+        run.close()
+
+
+def _calc_cond_batch(config, executor, model, conds, x_in, timestep, model_options, *args, **kwargs):
+    refuse_unsupported(model_options)
+    run = _run_state.get()
+    transient = run is None or run.config is not config
+    if transient:  # called outside our OUTER_SAMPLE (another guider's path): state for this call only
+        run = _Run(config)
+    try:
+        plan = run.layout(model, x_in)
+        mergers = [None] * len(conds)
+        for batch in run.batches(model, plan, conds, x_in):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            regions = [plan.regions[i] for i in batch]
+            x_w = stack_regions(x_in, regions, x_in.shape[0])
+            t_w = timestep if len(batch) == 1 else timestep.repeat(len(batch))
+            conds_w = [None if c is None else run.window_conds(c, batch, x_in) for c in conds]
+            outs = executor(model, conds_w, x_w, t_w, model_options, *args, **kwargs)
+            for ci, out in enumerate(outs):
+                if mergers[ci] is None:
+                    mergers[ci] = Merger(plan, out[:x_in.shape[0]].new_zeros(x_in.shape))
+                for i, part in zip(batch, out.chunk(len(batch))):
+                    mergers[ci].add(i, part)
+        return [m.result() for m in mergers]
+    finally:
+        if transient:
+            run.close()
+
+
+def stack_regions(canvas: torch.Tensor, regions, batch: int) -> torch.Tensor:
+    """The regions of `canvas` stacked window-major along dim 0, each broadcast to `batch`."""
+    parts = [gather(canvas, r) for r in regions]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([comfy.utils.repeat_to_batch_size(p, batch) for p in parts])
+
+
+class _Run:
+    """State of one sampling run: the resolved layout and the per-window ControlNet copies."""
+
+    def __init__(self, config: WindowedConfig):
+        self.config = config
+        self.plan = None
+        self.canvas_hints = {}    # id(control) -> (control, canvas-sized hint, px per cell)
+        self.controls = {}        # (id(control), windows) -> (control, chain copy)
+
+    def layout(self, model, x_in):
+        if x_in.ndim != 4:
+            raise ValueError(f"latent_image: ControlSync plans are 2-D images; this model's latent has shape "
+                             f"{tuple(x_in.shape)} ({x_in.ndim - 2} spatial dims).")
+        hw = tuple(x_in.shape[-2:])
+        if self.plan is None or self.plan.canvas != hw:
+            factor, multiple = latent_geometry(model)
+            try:
+                self.plan = self.config.plan.layout(hw, factor, multiple)
+            except PlanError as e:
+                raise ValueError(f"plan: {e}") from None
+        return self.plan
+
+    def batches(self, model, plan, conds, x_in):
+        n = len(plan.regions)
+        size = self.config.window_batch
+        if any(c is not None and any("area" in d for d in c) for c in conds):
+            size = 1  # area conds are intersected with each window, so windows differ in their conds
+        elif size <= 0:
+            size = _auto_window_batch(model, plan, conds, x_in)
+        size = max(1, min(size, n))
+        return [tuple(range(s, min(s + size, n))) for s in range(0, n, size)]
+
+    def window_conds(self, cond_list, batch, x_in):
+        out = []
+        for d in cond_list:
+            w = self._window_cond(d, batch, x_in)
+            if w is not None:
+                out.append(w)
+        return out
+
+    def _window_cond(self, d, batch, x_in):
+        if "gligen" in d:
+            raise ValueError("positive/negative: GLIGEN box conditioning is placed on the whole canvas and "
+                             "cannot be split into ControlSync windows; remove the GLIGEN node.")
+        regions = [self.plan.regions[i] for i in batch]
+        B = x_in.shape[0]
+        w = dict(d)
+        if "area" in d:
+            area = _window_area(d["area"], regions[0])
+            if area is None:
+                return None
+            w["area"] = area
+        if d.get("mask") is not None:
+            w["mask"] = stack_regions(self._canvas_sized(d["mask"], "mask"), regions, B)
+        if d.get("model_conds"):
+            w["model_conds"] = {k: self._window_model_cond(v, regions, B) for k, v in d["model_conds"].items()}
+        if d.get("control") is not None:
+            w["control"] = self._control_chain(d["control"], batch, B)
+        return w
+
+    def _canvas_sized(self, t, name):
+        if tuple(t.shape[-2:]) != self.plan.canvas:
+            raise ValueError(f"positive/negative: a conditioning {name} of size {tuple(t.shape[-2:])} does not "
+                             f"match the canvas latent {self.plan.canvas}")
+        return t
+
+    def _window_model_cond(self, c, regions, B):
+        if isinstance(c, comfy.conds.CONDNoiseShape) and tuple(c.cond.shape[-2:]) == self.plan.canvas:
+            return c._copy_with(stack_regions(c.cond, regions, B))
+        return c
+
+    def _control_chain(self, control, batch, B):
+        """One chain of ControlBase copies per batch of windows, shared by positive and negative
+        (ComfyUI batches cond with uncond only when they carry the same control object)."""
+        key = (id(control), batch)
+        if key not in self.controls:
+            regions = [self.plan.regions[i] for i in batch]
+            chain, node = [], control
+            while node is not None:
+                copy = node.copy()
+                for name in _CONTROL_RUN_STATE:
+                    if getattr(node, name, None) is not None and getattr(copy, name, None) is None:
+                        setattr(copy, name, getattr(node, name))
+                hint, ratio = self._canvas_hint(node)
+                scaled = [r.scaled(ratio) for r in regions]
+                extra = [stack_regions(_resize_like_comfy(e, hint.shape[-2:], node.upscale_algorithm), scaled, B)
+                         for e in node.extra_concat_orig]
+                copy.set_cond_hint(stack_regions(hint, scaled, B), strength=node.strength,
+                                   timestep_percent_range=node.timestep_percent_range, vae=node.vae,
+                                   extra_concat=extra)
+                chain.append(copy)
+                node = node.previous_controlnet
+            for a, b in zip(chain, chain[1:]):
+                a.set_previous_controlnet(b)
+            self.controls[key] = (control, chain[0])
+        return self.controls[key][1]
+
+    def _canvas_hint(self, control):
+        """The hint resized to the canvas exactly as ComfyUI would resize it for a full-canvas call."""
+        if id(control) not in self.canvas_hints:
+            H, W = self.plan.canvas
+            ratio = control.compression_ratio
+            if control.vae is not None:
+                ratio *= control.vae.spacial_compression_encode()
+            hint = control.cond_hint_original
+            check_hint_aspect(tuple(hint.shape[-2:]), (H * ratio, W * ratio))
+            self.canvas_hints[id(control)] = (control, _resize_like_comfy(hint, (H * ratio, W * ratio), control.upscale_algorithm), ratio)
+        _, hint, ratio = self.canvas_hints[id(control)]
+        return hint, ratio
+
+    def close(self):
+        for _, head in self.controls.values():
+            head.cleanup()
+        self.controls.clear()
+        self.canvas_hints.clear()
+
+
+def _resize_like_comfy(image, hw, algorithm):
+    return comfy.utils.common_upscale(image, hw[1], hw[0], algorithm, "center")
+
+
+def check_hint_aspect(hint_hw, canvas_hw) -> None:
+    """Refuse a hint that ComfyUI's center crop would cut by a latent cell or more at canvas scale."""
+    (hh, hw), (ch, cw) = hint_hw, canvas_hw
+    hint_aspect, canvas_aspect = hw / hh, cw / ch
+    if hint_aspect > canvas_aspect:
+        cut_px = (1 - canvas_aspect / hint_aspect) * cw
+    else:
+        cut_px = (1 - hint_aspect / canvas_aspect) * ch
+    if cut_px >= 8:
+        raise ValueError(
+            f"ControlNet image: the condition image is {hw}x{hh} (aspect {hint_aspect:.3f}) but the canvas is "
+            f"{cw}x{ch} (aspect {canvas_aspect:.3f}); ComfyUI would center-crop {cut_px:.0f} px of the condition "
+            f"away. Resize or pad the condition image to the canvas aspect, or plan the canvas from the image.")
+
+
+def _window_area(area, region):
+    """A resolved (h, w, y, x) area intersected with the window, in window coordinates; None if disjoint."""
+    if len(area) != 4:
+        raise ValueError("positive/negative: only 2-D conditioning areas can be split into windows")
+    rect = region.rect
+    if rect is None:
+        raise ValueError("positive/negative: area conditioning cannot follow a region that wraps around the "
+                         "canvas; use a mask (ConditioningSetMask) instead")
+    h, w, y, x = area
+    ry, rx, rh, rw = rect
+    y0, y1 = max(y, ry), min(y + h, ry + rh)
+    x0, x1 = max(x, rx), min(x + w, rx + rw)
+    if y1 <= y0 or x1 <= x0:
+        return None
+    return (y1 - y0, x1 - x0, y0 - ry, x0 - rx)
+
+
+def _auto_window_batch(model, plan, conds, x_in) -> int:
+    """As many windows per call as fit in free memory with ComfyUI's own 1.5x margin
+    (twice the UNet estimate when ControlNets run too)."""
+    h, w = plan.regions[0].size
+    n_conds = sum(c is not None for c in conds)
+    shape = [x_in.shape[0] * max(n_conds, 1), x_in.shape[1], h, w]
+    per_window = model.memory_required(shape)
+    has_control = any(c is not None and any(d.get("control") is not None for d in c) for c in conds)
+    per_window *= 2 if has_control else 1
+    free = comfy.model_management.get_free_memory(x_in.device)
+    return max(1, math.floor(free / (1.5 * per_window)))

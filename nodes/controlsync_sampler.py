@@ -1,0 +1,74 @@
+"""ControlSyncSampler: KSampler over a window plan (joint windowed diffusion, per-window ControlNet crops)."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+import comfy.samplers
+import nodes as comfy_nodes  # ComfyUI's nodes.py
+
+from ..sampling import PlanError
+from . import bridge
+from .window_planner import WindowPlanType
+
+
+def window_batch_input():
+    return io.Int.Input("window_batch_size", default=0, min=0, max=256,
+                        tooltip="Windows denoised per model call. 0 = as many as free memory allows. Results are the "
+                                "same as one at a time (up to float rounding); larger batches are faster on a GPU.")
+
+
+def check_plan_fits(model, plan, latent) -> None:
+    """Fail at the node, naming the input, before any sampling starts."""
+    samples = latent["samples"]
+    if samples.ndim != 4:
+        raise ValueError(f"latent_image: ControlSync plans are 2-D images; got a latent of shape {tuple(samples.shape)}")
+    bridge.refuse_unsupported(model.model_options)
+    factor, multiple = bridge.latent_geometry(model)
+    try:
+        plan.layout(tuple(samples.shape[-2:]), factor, multiple)
+    except PlanError as e:
+        raise ValueError(f"plan / latent_image: {e}") from None
+
+
+class ControlSyncSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ControlSyncSampler",
+            display_name="ControlSync Sampler",
+            category="sampling/controlsync",
+            description="KSampler for canvases larger than the model: every step, each window of the plan is "
+                        "denoised with its own crop of every ControlNet hint, and the windows are averaged where they "
+                        "overlap (MultiDiffusion / ControlSync). Any sampler and scheduler; seeds, denoise, noise masks, "
+                        "previews and Cancel behave as in KSampler.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model, as for KSampler; it is cloned, never modified."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
+                             tooltip="The random seed used for creating the noise (same as KSampler)."),
+                io.Int.Input("steps", default=50, min=1, max=10000,
+                             tooltip="Denoising steps. 50 as in the ControlSync paper (DDIM, 50 steps)."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale; 7.5 as in the papers (diffusers' default)."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="ddim",
+                               tooltip="Any KSampler sampler. ddim as in the papers."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="ddim_uniform",
+                               tooltip="Any KSampler scheduler. ddim_uniform matches the papers' DDIM timesteps."),
+                io.Conditioning.Input("positive", tooltip="Positive prompt, with ControlNets applied to it (whole-canvas hints)."),
+                io.Conditioning.Input("negative", tooltip="Negative prompt, with the same ControlNets if applied to it."),
+                io.Latent.Input("latent_image", tooltip="The canvas latent; its size must match the plan."),
+                WindowPlanType.Input("plan", tooltip="Windows from Window Planner (or a factor graph)."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Amount of denoising (below 1 keeps part of the input latent, as in KSampler)."),
+                window_batch_input(),
+            ],
+            outputs=[io.Latent.Output(tooltip="The denoised canvas latent.")],
+        )
+
+    @classmethod
+    def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, plan,
+                denoise=1.0, window_batch_size=0) -> io.NodeOutput:
+        check_plan_fits(model, plan, latent_image)
+        windowed = bridge.windowed_model(model, plan, window_batch_size)
+        (out,) = comfy_nodes.common_ksampler(windowed, seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                                             latent_image, denoise=denoise)
+        return io.NodeOutput(out)

@@ -1,0 +1,85 @@
+"""WindowPlanner: where the windows go, shown over the condition image before any GPU time is spent."""
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+import comfy.utils
+
+from ..sampling import PlanError, WindowPlan
+from ..sampling.preview import draw_plan
+
+WindowPlanType = io.Custom("WINDOW_PLAN")
+PREVIEW_MAX_SIDE = 2048
+LATENT_CELL_PX = 8  # an empty LATENT carries no VAE factor; SD1.5/SDXL/SD3/Flux all use 8
+
+
+class WindowPlanner(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="WindowPlanner",
+            display_name="Window Planner (ControlSync)",
+            category="sampling/controlsync",
+            description="Cuts a large canvas into overlapping model-sized windows for ControlSync Sampler. "
+                        "The preview draws the windows (anchor tinted pink) over the condition image; the latent "
+                        "output is a matching empty latent.",
+            inputs=[
+                io.Int.Input("width", default=3072, min=64, max=16384, step=8,
+                             tooltip="Canvas width in pixels. Ignored when a latent or an image is connected."),
+                io.Int.Input("height", default=512, min=64, max=16384, step=8,
+                             tooltip="Canvas height in pixels. Ignored when a latent or an image is connected."),
+                io.Int.Input("window_width", default=512, min=64, max=16384, step=8,
+                             tooltip="Width of one window: the size the model was trained on (512 for SD1.5, 1024 for SDXL)."),
+                io.Int.Input("window_height", default=512, min=64, max=16384, step=8,
+                             tooltip="Height of one window: the size the model was trained on."),
+                io.Int.Input("stride", default=64, min=8, max=16384, step=8,
+                             tooltip="Pixels between neighbouring windows (MultiDiffusion: 64; SyncDiffusion: 128). "
+                                     "Smaller strides mean more overlap, smoother results and more model calls. The last "
+                                     "window sits flush with the far edge, so every pixel is covered."),
+                io.Combo.Input("anchor", options=["first", "middle", "index"], default="first",
+                               tooltip="The window the others are synchronised to by AnchorSync: the first (ControlSync "
+                                       "paper), the middle one (SyncDiffusion code), or anchor_index."),
+                io.Int.Input("anchor_index", default=0, min=0, max=100000,
+                             tooltip="Anchor window number (row-major, from 0) when anchor is 'index'."),
+                io.Combo.Input("blend", options=["uniform", "feather"], default="uniform",
+                               tooltip="How overlapping windows are averaged: uniform (MultiDiffusion) or feather "
+                                       "(weights ramp down over the overlap toward each window's edge)."),
+                io.Image.Input("image", optional=True,
+                               tooltip="The condition image (canny, depth, ...): the canvas takes its size (rounded to "
+                                       "8 px) unless a latent is connected, and the preview draws over it."),
+                io.Latent.Input("latent", optional=True,
+                                tooltip="A latent to sample: the canvas takes its size (8 px per latent cell)."),
+            ],
+            outputs=[
+                WindowPlanType.Output(display_name="plan", tooltip="Connect to ControlSync Sampler (or Windowed Model)."),
+                io.Image.Output(display_name="preview", tooltip="The windows over the canvas; the anchor is tinted pink."),
+                io.Latent.Output(display_name="latent", tooltip="The connected latent, or an empty latent of the canvas size."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, width, height, window_width, window_height, stride, anchor, anchor_index, blend,
+                image=None, latent=None) -> io.NodeOutput:
+        if latent is not None:
+            samples = latent["samples"]
+            if samples.ndim != 4:
+                raise ValueError(f"latent: expected an image latent (batch, channels, height, width), got shape {tuple(samples.shape)}")
+            height, width = samples.shape[-2] * LATENT_CELL_PX, samples.shape[-1] * LATENT_CELL_PX
+        elif image is not None:
+            height, width = (max(8, round(v / 8) * 8) for v in image.shape[1:3])
+        try:
+            plan = WindowPlan((height, width), (window_height, window_width), (stride, stride), anchor, anchor_index, blend)
+            layout = plan.layout((height // LATENT_CELL_PX, width // LATENT_CELL_PX), LATENT_CELL_PX)
+        except PlanError as e:
+            raise ValueError(f"WindowPlanner: {e}") from None
+        if latent is None:
+            latent = {"samples": torch.zeros(1, 4, height // LATENT_CELL_PX, width // LATENT_CELL_PX)}
+        scale = min(1.0, PREVIEW_MAX_SIDE / max(height, width))
+        ph, pw = max(1, round(height * scale)), max(1, round(width * scale))
+        if image is not None:
+            background = comfy.utils.common_upscale(image[:1].movedim(-1, 1), pw, ph, "bilinear", "center").movedim(1, -1)[0]
+        else:
+            background = torch.full((ph, pw, 3), 0.5)
+        preview = draw_plan(background.float().clamp(0, 1), layout, LATENT_CELL_PX * scale, thickness=max(2, round(3 * scale)))
+        return io.NodeOutput(plan, preview[None], latent)

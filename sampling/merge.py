@@ -1,0 +1,88 @@
+"""Cutting regions out of a canvas and merging region predictions back (plain torch).
+
+Tensors are (batch, channels, height, width) on the canvas and on regions alike; a region is
+gathered from its pieces and scattered back the same way, so wrapped regions need no special case.
+"""
+from __future__ import annotations
+
+import torch
+
+from .plans import Region, RegionPlan
+
+
+def gather(canvas: torch.Tensor, region: Region) -> torch.Tensor:
+    """The region's cells of `canvas` (..., H, W) as a (..., h, w) tensor."""
+    if len(region.pieces) == 1 and region.pieces[0].dst == (0, 0):
+        (y, x), (h, w) = region.pieces[0].src, region.pieces[0].size
+        return canvas[..., y:y + h, x:x + w]
+    out = canvas.new_empty(canvas.shape[:-2] + region.size)
+    for p in region.pieces:
+        (sy, sx), (dy, dx), (h, w) = p.src, p.dst, p.size
+        out[..., dy:dy + h, dx:dx + w] = canvas[..., sy:sy + h, sx:sx + w]
+    return out
+
+
+def scatter_add(canvas: torch.Tensor, region: Region, values: torch.Tensor) -> None:
+    """canvas[region] += values, in place."""
+    for p in region.pieces:
+        (sy, sx), (dy, dx), (h, w) = p.src, p.dst, p.size
+        canvas[..., sy:sy + h, sx:sx + w] += values[..., dy:dy + h, dx:dx + w]
+
+
+def blend_map(size: tuple[int, int], feather: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Per-cell weight of a region (h, w): 1 everywhere, or a linear ramp over `feather` cells at
+    every edge (strictly positive, so a cell that only one region covers keeps its value)."""
+    h, w = size
+    if feather <= 0:
+        return torch.ones(size, dtype=dtype, device=device)
+
+    def ramp(n):
+        i = torch.arange(n, dtype=dtype, device=device)
+        return ((torch.minimum(i, n - 1 - i) + 1) / (feather + 1)).clamp(max=1.0)
+
+    return torch.minimum(ramp(h)[:, None], ramp(w)[None, :])
+
+
+def region_weights(plan: RegionPlan, dtype=torch.float32, device=None) -> list[torch.Tensor]:
+    """c_i * m_i for every region: the signed weight each region's prediction gets per cell."""
+    maps = {}
+    out = []
+    for region, c in zip(plan.regions, plan.coefficients):
+        if region.size not in maps:
+            maps[region.size] = blend_map(region.size, plan.feather, dtype, device)
+        out.append(maps[region.size] * c)
+    return out
+
+
+def normalizer(plan: RegionPlan, weights: list[torch.Tensor]) -> torch.Tensor:
+    """sum_i c_i * m_i on the canvas (H, W); refuses a plan that leaves a cell without weight."""
+    total = weights[0].new_zeros(plan.canvas)
+    for region, w in zip(plan.regions, weights):
+        scatter_add(total, region, w)
+    if bool((total.abs() < 1e-6).any()):
+        y, x = (total.abs() < 1e-6).nonzero()[0].tolist()
+        raise ValueError(f"the plan leaves canvas cell (y={y}, x={x}) without weight: its regions do not cover the canvas")
+    return total
+
+
+class Merger:
+    """Accumulates region predictions into the canvas prediction, in any order and batching."""
+
+    def __init__(self, plan: RegionPlan, like: torch.Tensor):
+        self.plan = plan
+        self.weights = region_weights(plan, like.dtype, like.device)
+        self.total = like.new_zeros(like.shape[:-2] + plan.canvas)
+
+    def add(self, index: int, prediction: torch.Tensor) -> None:
+        scatter_add(self.total, self.plan.regions[index], prediction * self.weights[index])
+
+    def result(self) -> torch.Tensor:
+        return self.total / normalizer(self.plan, self.weights)
+
+
+def merge(plan: RegionPlan, predictions: list[torch.Tensor]) -> torch.Tensor:
+    """The canvas prediction from one (B, C, h, w) prediction per region."""
+    merger = Merger(plan, predictions[0])
+    for i, pred in enumerate(predictions):
+        merger.add(i, pred)
+    return merger.result()
