@@ -75,9 +75,24 @@ def _outer_sample(config, executor, *args, **kwargs):
     token = _run_state.set(run)
     try:
         return executor(*args, **kwargs)
+    except BaseException:
+        # ComfyUI resets the user's ControlNets (pre-run state, cached hints) only after a successful
+        # run; on errors and Cancel we do it too, so they are left exactly as before the run.
+        _cleanup_controls(getattr(executor.class_obj, "conds", None))
+        raise
     finally:
         _run_state.reset(token)
         run.close()
+
+
+def _cleanup_controls(conds) -> None:
+    seen = set()
+    for cond_list in (conds or {}).values():
+        for d in cond_list:
+            control = d.get("control")
+            if control is not None and id(control) not in seen:
+                seen.add(id(control))
+                control.cleanup()
 
 
 def _calc_cond_batch(config, executor, model, conds, x_in, timestep, model_options, *args, **kwargs):

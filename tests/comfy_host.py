@@ -52,3 +52,15 @@ def load_pack():
     sys.modules["controlsync"] = module
     spec.loader.exec_module(module)
     return module
+
+
+def load_sampling():
+    """The pack's `sampling` package on its own, proving it needs no ComfyUI."""
+    name = "controlsync_sampling"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, PACK_DIR / "sampling" / "__init__.py",
+                                                      submodule_search_locations=[str(PACK_DIR / "sampling")])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

@@ -22,7 +22,7 @@ SD15_UNET = {
     "use_temporal_resblock": False, "use_temporal_attention": False,
 }
 
-SDXL_UNET = dict(SD15_UNET, adm_in_channels=2816, num_classes="sequential", use_linear_in_transformer=True,
+SDXL_UNET = dict(SD15_UNET, model_channels=64, adm_in_channels=2816, num_classes="sequential", use_linear_in_transformer=True,
                  num_head_channels=16, num_heads=-1)
 
 
@@ -30,7 +30,7 @@ def _init_weights(module: torch.nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
-            fan_in = p[0].numel() if p.ndim > 1 else p.numel()
+            fan_in = p.numel() // max(p.shape[0], 1) if p.ndim > 1 else p.numel()
             p.copy_(torch.randn(p.shape, generator=g) / max(fan_in, 1) ** 0.5 * (0.5 if p.ndim > 1 else 0.1))
 
 
