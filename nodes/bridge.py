@@ -211,7 +211,7 @@ class _Run:
             while node is not None:
                 copy = node.copy()
                 for name in _CONTROL_RUN_STATE:
-                    if getattr(node, name, None) is not None and getattr(copy, name, None) is None:
+                    if hasattr(node, name) and getattr(copy, name, None) is None:
                         setattr(copy, name, getattr(node, name))
                 hint, ratio = self._canvas_hint(node)
                 scaled = [r.scaled(ratio) for r in regions]

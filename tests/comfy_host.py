@@ -31,12 +31,12 @@ def host_version(host: Path) -> str:
     return text.split("__version__")[1].split('"')[1]
 
 
-def import_host(host: Path):
-    """Put ComfyUI on sys.path with CPU arguments, import it, and load the pack as `controlsync`."""
+def import_host(host: Path, cpu: bool = True):
+    """Put ComfyUI on sys.path (CPU arguments unless `cpu` is False), import it, and load the pack as `controlsync`."""
     if str(host) not in sys.path:
         sys.path.insert(0, str(host))
     import comfy.cli_args
-    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.cpu = cpu
     comfy.cli_args.args.disable_all_custom_nodes = True
     import comfy.model_management  # noqa: F401  (reads args.cpu at import)
     import nodes  # noqa: F401  (ComfyUI's nodes.py)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -53,7 +52,7 @@ UNET_CONFIG = {
 VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
                 "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
 
-# (skimage.data name, licence) - all free to redistribute.
+# scikit-image sample photos, all public domain or CC0 (see skimage.data's docs).
 PANELS = ["astronaut", "camera", "coffee", "chelsea", "rocket"]
 
 

@@ -368,3 +368,22 @@ def test_context_windows_and_double_windowing_are_refused(w):
     windowed = w.Windowed.execute(w.model, p, 0).args[0]
     with pytest.raises(ValueError, match="already carries a ControlSync window plan"):
         run(w, p, model=windowed)
+
+
+# --- T2I adapters and Control-LoRAs: real ControlBase copies per window too ----------------------
+
+@pytest.mark.parametrize("kind", ["t2i", "control_lora"])
+def test_t2i_adapter_and_control_lora(w, kind):
+    tm = w.tm
+    with torch.inference_mode():
+        model = tm.tiny_model(0, arch="sd15_deep") if kind == "t2i" else w.model
+        control = tm.tiny_t2i_adapter() if kind == "t2i" else tm.tiny_control_lora()
+        pos, neg = w.nodes.ControlNetApplyAdvanced().apply_controlnet(tm.text_cond(1), tm.text_cond(2), control,
+                                                                      w.image, 1.0, 0.0, 1.0)
+    plain = ksampler(w, model=model, pos=tm.text_cond(1), neg=tm.text_cond(2))
+    ref = ksampler(w, model=model, pos=pos, neg=neg)
+    assert not torch.equal(ref, plain)  # the control really acts on the model
+    assert torch.equal(run(w, full_window(w), model=model, pos=pos, neg=neg), ref)
+    windows = run(w, plan(w), model=model, pos=pos, neg=neg)
+    assert bool(torch.isfinite(windows).all())
+    assert not torch.equal(windows, run(w, plan(w), model=model, pos=tm.text_cond(1), neg=tm.text_cond(2)))

@@ -10,6 +10,7 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.ops
 import comfy.supported_models
+import comfy.t2i_adapter.adapter
 
 CONTEXT_DIM = 64
 
@@ -34,12 +35,19 @@ def _init_weights(module: torch.nn.Module, seed: int) -> None:
             p.copy_(torch.randn(p.shape, generator=g) / max(fan_in, 1) ** 0.5 * (0.5 if p.ndim > 1 else 0.1))
 
 
+# four levels with two res blocks each: the input-block layout T2I adapters add their features to
+SD15_DEEP_UNET = dict(SD15_UNET, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 1, 1, 1], transformer_depth=[0] * 8,
+                      transformer_depth_output=[0] * 12, transformer_depth_middle=0)
+
+
 def tiny_model(seed: int = 0, arch: str = "sd15") -> comfy.model_patcher.ModelPatcher:
     """A ~1M-parameter SD1.5 (or SDXL-architecture, with its size conditioning) model."""
     if arch == "sd15":
         config = comfy.supported_models.SD15(dict(SD15_UNET))
     elif arch == "sdxl":
         config = comfy.supported_models.SDXL(dict(SDXL_UNET))
+    elif arch == "sd15_deep":
+        config = comfy.supported_models.SD15(dict(SD15_DEEP_UNET))
     else:
         raise ValueError(arch)
     config.set_inference_dtype(torch.float32, None)
@@ -56,6 +64,25 @@ def tiny_controlnet(seed: int = 1, arch: str = "sd15") -> comfy.controlnet.Contr
                                      dtype=torch.float32, device="cpu", **unet)
     _init_weights(net, seed)
     return comfy.controlnet.ControlNet(net, load_device=torch.device("cpu"))
+
+
+def tiny_t2i_adapter(seed: int = 2) -> comfy.controlnet.T2IAdapter:
+    """A T2I adapter whose features match the 'sd15_deep' model's input blocks."""
+    width = SD15_UNET["model_channels"]
+    adapter = comfy.t2i_adapter.adapter.Adapter(channels=[width] * 4, nums_rb=1, cin=3 * 64, ksize=1, sk=True,
+                                                use_conv=False, xl=False)
+    _init_weights(adapter, seed)
+    return comfy.controlnet.T2IAdapter(adapter, adapter.input_channels, 8, "nearest-exact", device=torch.device("cpu"))
+
+
+def tiny_control_lora(seed: int = 4) -> comfy.controlnet.ControlLora:
+    """A Control-LoRA: the ControlNet-only weights (hint block, zero convs); the rest is taken from the
+    diffusion model at pre_run, as ComfyUI does for real Control-LoRA files."""
+    net = tiny_controlnet(seed).control_model
+    own = ("input_hint_block.", "zero_convs.", "middle_block_out.")
+    weights = {k: v for k, v in net.state_dict().items() if k.startswith(own)}
+    weights["lora_controlnet"] = torch.tensor([])
+    return comfy.controlnet.ControlLora(weights)
 
 
 def text_cond(seed: int, tokens: int = 77, arch: str = "sd15"):

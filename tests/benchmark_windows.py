@@ -1,0 +1,177 @@
+"""Benchmark (not a test): ControlSyncSampler against ComfyUI's KSampler, measured side by side.
+
+    ~/comfy/venv/bin/python tests/benchmark_windows.py [--channels 64] [--steps 4] [--repeats 3] [--device cpu|cuda]
+
+Prints (a) the overhead of a one-window plan over KSampler, (b) batched vs sequential windows,
+(c) peak memory against window count. Runs alternate between the compared variants and report
+medians, so load on the shared machine hits both alike.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def setup(args):
+    from comfy_host import find_host, host_version, import_host
+    host = find_host()
+    if host is None:
+        sys.exit("no ComfyUI host found (set COMFYUI_PATH or run setup_comfyui_host.sh)")
+    return host, host_version(host), import_host(host, cpu=args.device == "cpu")
+
+
+def build(args):
+    """The benchmark model and ControlNet, and a function giving CONDITIONING for a condition image."""
+    import torch
+    import nodes
+    import tiny_models as tm
+    tm.SD15_UNET.update(model_channels=args.channels, channel_mult=[1, 2, 4], num_res_blocks=[1, 1, 1],
+                        transformer_depth=[1, 1, 1], transformer_depth_output=[1, 1, 1, 1, 1, 1])
+    with torch.inference_mode():
+        model = tm.tiny_model(0)
+        cn = tm.tiny_controlnet(1)
+        if args.device == "cuda":
+            import comfy.model_patcher
+            dev = torch.device("cuda")
+            model = comfy.model_patcher.ModelPatcher(model.model, load_device=dev, offload_device=torch.device("cpu"))
+            cn = type(cn)(cn.control_model, load_device=dev)
+
+    def conds(height, width):
+        with torch.inference_mode():
+            return nodes.ControlNetApplyAdvanced().apply_controlnet(tm.text_cond(1), tm.text_cond(2), cn,
+                                                                    tm.condition_image(height, width), 1.0, 0.0, 1.0)
+    return model, conds
+
+
+def timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def alternate(variants: dict, repeats: int) -> dict:
+    times = {k: [] for k in variants}
+    for fn in variants.values():
+        fn()  # warm-up
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            times[name].append(timed(fn))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def sampler_runs(model):
+    import torch
+    import nodes
+    from controlsync.nodes.controlsync_sampler import ControlSyncSampler
+
+    def ksampler(conds, latent, steps):
+        with torch.inference_mode():
+            nodes.common_ksampler(model, 1, steps, 7.5, "euler", "normal", *conds, latent)
+
+    def controlsync(conds, latent, plan, batch, steps):
+        with torch.inference_mode():
+            ControlSyncSampler.execute(model, 1, steps, 7.5, "euler", "normal", *conds, latent, plan, 1.0, batch)
+    return ksampler, controlsync
+
+
+def bench_time(args):
+    import torch
+    from controlsync.nodes.window_planner import WindowPlanner
+    model, conds = build(args)
+    ksampler, controlsync = sampler_runs(model)
+    win, lat = args.window, args.window // 8
+    square, square_conds = {"samples": torch.zeros(1, 4, lat, lat)}, conds(win, win)
+    one = WindowPlanner.execute(win, win, win, win, 64, "first", 0, "uniform").args[0]
+    a = alternate({"KSampler": lambda: ksampler(square_conds, square, args.steps),
+                   "ControlSync one window": lambda: controlsync(square_conds, square, one, 0, args.steps)}, args.repeats)
+    wide, wide_conds = {"samples": torch.zeros(1, 4, lat, args.canvas_width // 8)}, conds(win, args.canvas_width)
+    plan = WindowPlanner.execute(args.canvas_width, win, win, win, args.stride, "first", 0, "uniform").args[0]
+    n = len(plan.layout((lat, args.canvas_width // 8), 8).regions)
+    b = alternate({"sequential (batch 1)": lambda: controlsync(wide_conds, wide, plan, 1, args.steps),
+                   "batched (auto)": lambda: controlsync(wide_conds, wide, plan, 0, args.steps)}, args.repeats)
+    return a, b, n
+
+
+def peak_memory_child(args):
+    """Runs in a fresh process: one sampling run with `args.windows` windows; prints its peak memory."""
+    import resource
+    import torch
+    from controlsync.nodes.window_planner import WindowPlanner
+    model, conds = build(args)
+    _, controlsync = sampler_runs(model)
+    win = args.window
+    width = win + (args.windows - 1) * args.stride
+    plan = WindowPlanner.execute(width, win, win, win, args.stride, "first", 0, "uniform").args[0]
+    latent, wide_conds = {"samples": torch.zeros(1, 4, win // 8, width // 8)}, conds(win, width)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    controlsync(wide_conds, latent, plan, args.batch, 2)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None
+    print(json.dumps({"windows": args.windows, "rss_growth_mib": (peak - base) / 1024, "gpu_peak_mib": gpu}))
+
+
+def bench_memory(args):
+    rows = []
+    for windows in (1, 3, 7, 13):
+        for batch in (1, 0):
+            cmd = [sys.executable, __file__, "--child", "--windows", str(windows), "--batch", str(batch),
+                   "--channels", str(args.channels), "--stride", str(args.stride), "--window", str(args.window),
+                   "--device", args.device]
+            out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+            line = [l for l in out.stdout.splitlines() if l.startswith("{")]
+            if not line:
+                sys.exit(out.stderr[-2000:])
+            row = json.loads(line[-1])
+            row["batch"] = "1" if batch == 1 else "auto"
+            rows.append(row)
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--channels", type=int, default=64, help="UNet model_channels of the benchmark model")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--window", type=int, default=256, help="window side in px")
+    p.add_argument("--stride", type=int, default=128)
+    p.add_argument("--canvas-width", type=int, default=1024)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--windows", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    host, version, _ = setup(args)
+    if args.child:
+        return peak_memory_child(args)
+    import torch
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"device {args.device}; ComfyUI {version} at {host}")
+    print(f"model: SD1.5-architecture UNet, model_channels {args.channels}, + ControlNet; euler, {args.steps} steps, cfg 7.5")
+    a, b, n = bench_time(args)
+    print(f"\n(a) one {args.window}x{args.window} window vs KSampler (median of alternating runs)")
+    for k, v in a.items():
+        print(f"    {k:28s} {v:7.3f} s")
+    print(f"    overhead: {100 * (a['ControlSync one window'] / a['KSampler'] - 1):+.1f} %")
+    print(f"\n(b) {args.window}x{args.canvas_width} canvas, {n} windows of {args.window} px, stride {args.stride}")
+    for k, v in b.items():
+        print(f"    {k:28s} {v:7.3f} s")
+    print(f"    batched / sequential: {b['batched (auto)'] / b['sequential (batch 1)']:.2f}x time")
+    print("\n(c) peak memory growth of one 2-step run (fresh process each)")
+    for row in bench_memory(args):
+        gpu = f", GPU peak {row['gpu_peak_mib']:.0f} MiB" if row["gpu_peak_mib"] is not None else ""
+        print(f"    {row['windows']:3d} windows, batch {row['batch']:4s}: RSS +{row['rss_growth_mib']:7.1f} MiB{gpu}")
+
+
+if __name__ == "__main__":
+    main()

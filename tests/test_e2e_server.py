@@ -1,0 +1,324 @@
+"""End to end: a real ComfyUI server loads the pack and runs the shipped workflow headless, with the
+command the README gives (workflows/run_workflow.py), on the main host and on the older 0.3.50 host.
+
+The server runs on the CPU with small random-weight model files (tests/e2e_assets.py) under the
+standard names the workflow uses; the pack is found through `custom_nodes:` in an extra model paths
+file, as a symlink in a temporary folder (any folder name works: the pack imports relatively).
+
+Hosts: main = conftest's host ($COMFYUI_PATH, the ComfyUI the pack sits in, ~/comfy/ComfyUI);
+old = $COMFYUI_OLD_PATH, else ~/comfy/ComfyUI-0.3.50. A missing host fails under CI=true and skips
+otherwise. Servers run with $COMFYUI_PYTHON, else this interpreter.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from comfy_host import PACK_DIR, find_host, host_version  # noqa: E402
+from e2e_assets import CONDITION_NAME, ensure_assets  # noqa: E402
+
+WORKFLOW = PACK_DIR / "workflows" / "controlsync_panorama.json"
+RUNNER = PACK_DIR / "workflows" / "run_workflow.py"
+PACK_NODES = ("WindowPlanner", "ControlSyncSampler", "ControlSyncWindowedModel")
+CANVAS_W, CANVAS_H = 384, 128  # the small condition image's size: the planner takes the canvas from it
+SMALL_RUN = ["--set", "Window Planner (ControlSync).window_width=128",   # by display name
+             "--set", "WindowPlanner.window_height=128",                 # by type
+             "--set", "7.stride=64",                                     # by node id
+             "--set", "ControlSync Sampler.steps=3",
+             "--set", "ControlSyncSampler.cfg=7.5"]
+SERVER_START_TIMEOUT = 180
+RUN_TIMEOUT = 600
+PYTHON = os.environ.get("COMFYUI_PYTHON") or sys.executable
+
+
+def old_host() -> Path | None:
+    path = Path(os.environ.get("COMFYUI_OLD_PATH") or Path.home() / "comfy" / "ComfyUI-0.3.50")
+    return path.resolve() if (path / "main.py").is_file() and (path / "comfy").is_dir() else None
+
+
+def require(host: Path | None, what: str) -> Path:
+    if host is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{what} not found under CI: .ci must provide it")
+        pytest.skip(f"{what} not found")
+    return host
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent():
+    """Linux: the server gets SIGKILL if the test process dies without tearing down (killed, crashed)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def http_json(url: str, timeout: float = 30):
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+class ComfyServer:
+    def __init__(self, host: Path, root: Path, assets):
+        self.host, self.version, self.root = host, host_version(host), root
+        self.input_dir, self.output_dir = root / "input", root / "output"
+        for d in (self.input_dir, self.output_dir, root / "temp", root / "user", root / "custom_nodes"):
+            d.mkdir(parents=True, exist_ok=True)
+        already_installed = any(p.resolve() == PACK_DIR for p in (host / "custom_nodes").iterdir()) \
+            if (host / "custom_nodes").is_dir() else False
+        lines = ["controlsync_e2e:", "  is_default: true",
+                 f"  checkpoints: {assets.checkpoints}", f"  controlnet: {assets.controlnet}"]
+        if not already_installed:
+            (root / "custom_nodes" / "ControlSync").symlink_to(PACK_DIR, target_is_directory=True)
+            lines.append(f"  custom_nodes: {root / 'custom_nodes'}")
+        (root / "extra_model_paths.yaml").write_text("\n".join(lines) + "\n")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = root / "server.log"
+        cmd = [PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+               "--extra-model-paths-config", str(root / "extra_model_paths.yaml"),
+               "--input-directory", str(self.input_dir), "--output-directory", str(self.output_dir),
+               "--temp-directory", str(root / "temp"), "--disable-auto-launch"]
+        cli = (host / "comfy" / "cli_args.py").read_text()
+        if '"--user-directory"' in cli:
+            cmd += ["--user-directory", str(root / "user")]
+        if '"--database-url"' in cli:
+            cmd += ["--database-url", "sqlite:///:memory:"]
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, cwd=host, stdout=self.log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+
+    def log_tail(self, n: int = 60) -> str:
+        self.log.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI {self.version} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                http_json(self.url + "/system_stats", timeout=5)
+                return
+            except (urllib.error.URLError, ConnectionError, OSError, ValueError):
+                time.sleep(0.5)
+        raise RuntimeError(f"ComfyUI {self.version} did not answer within {SERVER_START_TIMEOUT}s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)  # the server's own session: it and its children only
+                self.proc.wait(timeout=15)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(timeout=15)
+        self.log.close()
+
+    def describe(self) -> str:
+        return f"ComfyUI {self.version} at {self.host}"
+
+
+@pytest.fixture(scope="module", params=["main", "old"])
+def server(request, tmp_path_factory):
+    main = find_host()
+    host = require(main, "the main ComfyUI host") if request.param == "main" \
+        else require(old_host(), "the old ComfyUI host (0.3.50; set COMFYUI_OLD_PATH)")
+    assets = ensure_assets(main or host, python=PYTHON)
+    srv = ComfyServer(host, tmp_path_factory.mktemp(f"comfy-{request.param}"), assets)
+    try:
+        srv.wait_ready()
+        srv.object_info = http_json(srv.url + "/object_info", timeout=120)
+        srv.assets = assets
+        yield srv
+    finally:
+        srv.stop()
+
+
+def announce(capsys, srv, what: str) -> None:
+    with capsys.disabled():
+        print(f"\n[e2e] {what}: {srv.describe()}")
+
+
+def run_workflow(srv, out_dir: Path, *extra, timeout=RUN_TIMEOUT):
+    """The README's command, as a user runs it."""
+    cmd = [sys.executable, str(RUNNER), str(WORKFLOW), "--server", srv.url, "--out", str(out_dir), *extra]
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"run_workflow.py did not finish in {timeout}s; server log:\n{srv.log_tail()}")
+
+
+def load_runner():
+    spec = importlib.util.spec_from_file_location("run_workflow", RUNNER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pack_nodes_loaded_and_documented(server, capsys):
+    announce(capsys, server, "nodes")
+    info = server.object_info
+    missing = [n for n in PACK_NODES if n not in info]
+    assert not missing, f"pack nodes missing from /object_info: {missing}\n{server.log_tail()}"
+    problems = []
+    for name in PACK_NODES:
+        node = info[name]
+        if not (node.get("description") or "").strip():
+            problems.append(f"{name}: no description")
+        for section in ("required", "optional"):
+            for inp, spec in (node["input"].get(section) or {}).items():
+                opts = spec[1] if len(spec) > 1 else {}
+                if not (opts.get("tooltip") or "").strip():
+                    problems.append(f"{name}.{inp}: no tooltip")
+    assert not problems, problems
+
+
+def test_shipped_workflow_converts(server, capsys):
+    """The UI -> API conversion of the shipped workflow, checked against this server's node definitions."""
+    announce(capsys, server, "conversion")
+    runner = load_runner()
+    workflow = json.loads(WORKFLOW.read_text())
+    prompt, _ = runner.convert(workflow, server.object_info)
+    types = {nid: n["class_type"] for nid, n in prompt.items()}
+    assert "MarkdownNote" not in types.values()
+    assert sorted(types.values()) == sorted([
+        "CheckpointLoaderSimple", "CLIPTextEncode", "CLIPTextEncode", "ControlNetLoader", "LoadImage",
+        "ControlNetApplyAdvanced", "WindowPlanner", "ControlSyncSampler", "VAEDecodeTiled", "SaveImage", "PreviewImage"])
+    for nid, node in prompt.items():
+        assert node["class_type"] in server.object_info
+    by_type = {v: k for k, v in types.items()}
+    sampler = prompt[by_type["ControlSyncSampler"]]["inputs"]
+    planner_id = by_type["WindowPlanner"]
+    assert sampler["seed"] == 42 and sampler["steps"] == 50 and sampler["cfg"] == 7.5  # the seed's "fixed" is skipped
+    assert sampler["sampler_name"] == "ddim" and sampler["scheduler"] == "ddim_uniform"
+    assert sampler["denoise"] == 1.0 and sampler["window_batch_size"] == 0
+    assert sampler["latent_image"] == [planner_id, 2] and sampler["plan"] == [planner_id, 0]
+    planner = prompt[planner_id]["inputs"]
+    assert planner["image"] == [by_type["LoadImage"], 0] and "latent" not in planner
+    assert [planner[k] for k in ("width", "height", "window_width", "window_height", "stride", "anchor",
+                                 "anchor_index", "blend")] == [3072, 512, 512, 512, 64, "first", 0, "uniform"]
+    assert prompt[by_type["LoadImage"]]["inputs"] == {"image": CONDITION_NAME}  # the upload widget is skipped
+    apply = prompt[by_type["ControlNetApplyAdvanced"]]["inputs"]
+    assert apply["vae"] == [by_type["CheckpointLoaderSimple"], 2]
+    assert (apply["strength"], apply["start_percent"], apply["end_percent"]) == (1.0, 0.0, 1.0)
+    assert prompt[by_type["PreviewImage"]]["inputs"] == {"images": [planner_id, 1]}
+    tiled = prompt[by_type["VAEDecodeTiled"]]["inputs"]
+    assert tiled["tile_size"] == 512 and tiled["overlap"] == 64
+    assert prompt[by_type["CheckpointLoaderSimple"]]["inputs"]["ckpt_name"] in \
+        server.object_info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
+
+
+def test_conversion_follows_reroutes_primitives_and_bypass(server):
+    """What users add in the UI: a reroute, a Primitive driving the seed, a bypassed and a muted node."""
+    runner = load_runner()
+    workflow = json.loads(WORKFLOW.read_text())
+    expected, _ = runner.convert(workflow, server.object_info)
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    links = {l[0]: l for l in workflow["links"]}
+
+    def add_node(nid, ntype, inputs, outputs, mode=0, widgets=None):
+        nodes[nid] = {"id": nid, "type": ntype, "mode": mode, "inputs": inputs, "outputs": outputs,
+                      "widgets_values": widgets or [], "pos": [0, 0], "size": [100, 50], "flags": {}, "order": 0}
+
+    def relink(link_id, new_origin, new_slot=0):
+        """Send an existing link's target through a new node: origin -> new node -> target."""
+        lid_in, lid_out = max(links) + 1, max(links) + 2
+        _, origin, oslot, target, tslot, ltype = links.pop(link_id)
+        links[lid_in] = [lid_in, origin, oslot, new_origin, 0, ltype]
+        links[lid_out] = [lid_out, new_origin, new_slot, target, tslot, ltype]
+        nodes[new_origin]["inputs"][0]["link"] = lid_in
+        nodes[new_origin]["outputs"][new_slot]["links"] = [lid_out]
+        nodes[target]["inputs"][tslot]["link"] = lid_out
+
+    image_to_planner = next(l[0] for l in links.values() if l[1] == 5 and l[3] == 7)
+    image_to_apply = next(l[0] for l in links.values() if l[1] == 5 and l[3] == 6)
+    add_node(20, "Reroute", [{"name": "", "type": "*", "link": None}], [{"name": "", "type": "IMAGE", "links": []}])
+    relink(image_to_planner, 20)
+    add_node(21, "ImageInvert", [{"name": "image", "type": "IMAGE", "link": None}],
+             [{"name": "IMAGE", "type": "IMAGE", "links": []}], mode=4)
+    relink(image_to_apply, 21)
+    add_node(22, "PreviewImage", [{"name": "images", "type": "IMAGE", "link": None}], [], mode=2)
+    links[100] = [100, 5, 0, 22, 0, "IMAGE"]
+    nodes[22]["inputs"][0]["link"] = 100
+    add_node(23, "PrimitiveNode", [], [{"name": "INT", "type": "INT", "links": [101], "widget": {"name": "seed"}}],
+             widgets=[1234, "fixed"])
+    nodes[8]["inputs"].append({"name": "seed", "type": "INT", "widget": {"name": "seed"}, "link": 101})
+    links[101] = [101, 23, 0, 8, len(nodes[8]["inputs"]) - 1, "INT"]
+    workflow["nodes"], workflow["links"] = list(nodes.values()), list(links.values())
+
+    prompt, _ = runner.convert(workflow, server.object_info)
+    expected["8"]["inputs"]["seed"] = 1234
+    assert prompt == expected
+
+
+def test_panorama_run(server, tmp_path, capsys):
+    """The shipped workflow, small: a 384x128 condition image, 128 px windows, stride 64, 3 steps."""
+    from PIL import Image
+    import numpy as np
+
+    announce(capsys, server, "panorama run")
+    t0 = time.monotonic()
+    proc = run_workflow(server, tmp_path, "--image", str(server.assets.small_condition), "--previews", *SMALL_RUN)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 0, f"run_workflow.py failed:\n{proc.stdout}\n{proc.stderr}\nserver log:\n{server.log_tail()}"
+    paths = [Path(p) for p in proc.stdout.split()]
+    saved = [p for p in paths if p.name.startswith("ControlSync")]
+    previews = [p for p in paths if p.name.startswith("temp_")]
+    assert len(saved) == 1 and len(previews) == 1, proc.stdout
+    with capsys.disabled():
+        print(f"[e2e] {server.describe()}: {CANVAS_W}x{CANVAS_H}, 5 windows, 3 steps in {elapsed:.1f}s -> {saved[0]}")
+
+    image = Image.open(saved[0])
+    assert image.size == (CANVAS_W, CANVAS_H)
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
+    assert np.isfinite(pixels).all()
+    assert pixels.std() > 5 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100, "the image is (nearly) constant"
+    # the PNG carries the prompt that made it, with the overrides, like a UI run
+    meta = json.loads(image.info["prompt"])
+    sampler = next(n for n in meta.values() if n["class_type"] == "ControlSyncSampler")
+    assert sampler["inputs"]["steps"] == 3
+    workflow = json.loads(image.info["workflow"])
+    assert next(n for n in workflow["nodes"] if n["type"] == "ControlSyncSampler")["widgets_values"][2] == 3
+
+    preview = Image.open(previews[0])  # the planner's window drawing over the condition image
+    assert preview.size == (CANVAS_W, CANVAS_H)
+
+
+def test_errors_are_reported(server, tmp_path, capsys):
+    announce(capsys, server, "error reporting")
+    # refused at validation: the message names the node and the input; the shipped condition image,
+    # missing on the server, was uploaded from beside the workflow file first
+    proc = run_workflow(server, tmp_path, "--set", "ControlSync Sampler.steps=0", timeout=120)
+    assert proc.returncode != 0
+    assert "refused" in proc.stderr and "#8" in proc.stderr and "steps" in proc.stderr, proc.stderr
+    assert (server.input_dir / CONDITION_NAME).is_file()
+    # fails while running: the node's own message comes back
+    proc = run_workflow(server, tmp_path, "--image", str(server.assets.small_condition), *SMALL_RUN,
+                        "--set", "WindowPlanner.anchor=index", "--set", "WindowPlanner.anchor_index=99", timeout=300)
+    assert proc.returncode != 0
+    assert "WindowPlanner" in proc.stderr and "anchor_index 99" in proc.stderr, proc.stderr
+    # a typo in an override is caught before anything is queued
+    proc = run_workflow(server, tmp_path, "--set", "ControlSync Sampler.stpes=3", timeout=60)
+    assert proc.returncode != 0 and "has no input 'stpes'" in proc.stderr, proc.stderr
