@@ -1,6 +1,7 @@
 """ControlSync's ComfyUI nodes: one file per node, plus bridge.py, the one module that talks to ComfyUI internals."""
+from .anchor_sync import AnchorSync
 from .controlsync_sampler import ControlSyncSampler
 from .window_planner import WindowPlanner
 from .windowed_model import ControlSyncWindowedModel
 
-NODES = [WindowPlanner, ControlSyncSampler, ControlSyncWindowedModel]
+NODES = [WindowPlanner, ControlSyncSampler, AnchorSync, ControlSyncWindowedModel]

@@ -9,19 +9,26 @@ an OUTER_SAMPLE wrapper.
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
+import logging
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 
 import comfy.conds
 import comfy.model_management
+import comfy.model_patcher
 import comfy.patcher_extension
+import comfy.samplers
 import comfy.utils
+import folder_paths
 
 from ..sampling import Merger, PlanError, gather
+from ..sampling.sync import SyncSchedule, fold_update, lpips_input, step_index, sync_deltas, window_sync_gradient
 
 WRAPPER_KEY = "controlsync.windows"
 # pre-run state that ControlBase.copy() does not carry over (set by pre_run on the originals)
@@ -30,10 +37,20 @@ _run_state: contextvars.ContextVar["_Run | None"] = contextvars.ContextVar("cont
 
 
 @dataclass(frozen=True)
+class SyncSettings:
+    """What AnchorSync asks for (the SYNC socket type)."""
+    schedule: SyncSchedule
+    vae: object              # comfy.sd.VAE: the decoder the loss looks through
+    loss_net: str = "vgg"    # LPIPS backbone
+    through_model: bool = True  # False: skip the denoiser's Jacobian (fast mode)
+
+
+@dataclass(frozen=True)
 class WindowedConfig:
     """Immutable: safe to share between model clones."""
     plan: object          # anything with .layout(latent_hw, factor, multiple) -> RegionPlan
     window_batch: int     # windows per model call; 0 = as many as memory allows
+    sync: SyncSettings | None = None
 
 
 def latent_geometry(model) -> tuple[int, int]:
@@ -55,13 +72,13 @@ def refuse_unsupported(model_options: dict) -> None:
                          "one device. Remove the multi-GPU node for this sampler.")
 
 
-def windowed_model(model, plan, window_batch: int = 0):
+def windowed_model(model, plan, window_batch: int = 0, sync: SyncSettings | None = None):
     """A clone of `model` whose sampling runs the plan's windows; `model` itself is untouched."""
     refuse_unsupported(model.model_options)
     if model.get_wrappers(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY):
         raise ValueError("model: this MODEL already carries a ControlSync window plan (from ControlSync Windowed "
                          "Model); connect the original MODEL instead of windowing it twice.")
-    config = WindowedConfig(plan, int(window_batch))
+    config = WindowedConfig(plan, int(window_batch), sync)
     clone = model.clone()
     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
                                functools.partial(_outer_sample, config))
@@ -72,6 +89,7 @@ def windowed_model(model, plan, window_batch: int = 0):
 
 def _outer_sample(config, executor, *args, **kwargs):
     run = _Run(config)
+    run.cfg = getattr(executor.class_obj, "cfg", None)
     token = _run_state.set(run)
     try:
         return executor(*args, **kwargs)
@@ -103,11 +121,18 @@ def _calc_cond_batch(config, executor, model, conds, x_in, timestep, model_optio
         run = _Run(config)
     try:
         plan = run.layout(model, x_in)
+        synced = run.sync_step(model_options, timestep, plan)
+        deltas = None
+        if synced is not None:
+            weight, sigma, r = synced
+            deltas = run.sync_deltas(executor, model, conds, x_in, timestep, model_options, weight, sigma)
         mergers = [None] * len(conds)
         for batch in run.batches(model, plan, conds, x_in):
             comfy.model_management.throw_exception_if_processing_interrupted()
             regions = [plan.regions[i] for i in batch]
             x_w = stack_regions(x_in, regions, x_in.shape[0])
+            if deltas is not None:
+                x_w = x_w - torch.cat([deltas[i] for i in batch])
             t_w = timestep if len(batch) == 1 else timestep.repeat(len(batch))
             conds_w = [None if c is None else run.window_conds(c, batch, x_in) for c in conds]
             outs = executor(model, conds_w, x_w, t_w, model_options, *args, **kwargs)
@@ -116,7 +141,14 @@ def _calc_cond_batch(config, executor, model, conds, x_in, timestep, model_optio
                     mergers[ci] = Merger(plan, out[:x_in.shape[0]].new_zeros(x_in.shape))
                 for i, part in zip(batch, out.chunk(len(batch))):
                     mergers[ci].add(i, part)
-        return [m.result() for m in mergers]
+        outs = [m.result() for m in mergers]
+        if deltas is not None:
+            moved = Merger(plan, deltas[0].new_zeros(x_in.shape))
+            for i, d in enumerate(deltas):
+                moved.add(i, d)
+            shift = moved.result().to(outs[0].dtype)
+            outs = [fold_update(o, shift, r) for o in outs]
+        return outs
     finally:
         if transient:
             run.close()
@@ -135,6 +167,7 @@ class _Run:
 
     def __init__(self, config: WindowedConfig):
         self.config = config
+        self.cfg = None
         self.plan = None
         self.canvas_hints = {}    # id(control) -> (control, canvas-sized hint, px per cell)
         self.controls = {}        # (id(control), windows) -> (control, chain copy)
@@ -240,11 +273,152 @@ class _Run:
         _, hint, ratio = self.canvas_hints[id(control)]
         return hint, ratio
 
+    def sync_step(self, model_options, timestep, plan):
+        """(w_t, sigma, sigma_next / sigma) when this model call is a synced step, else None."""
+        sync = self.config.sync
+        if sync is None or len(plan.regions) < 2:
+            return None
+        schedule = model_options.get("transformer_options", {}).get("sample_sigmas")
+        if schedule is None:
+            return None
+        index = step_index(float(timestep[0]), schedule)
+        if index is None:
+            return None
+        weight = sync.schedule.weight_at(index, len(schedule) - 1)
+        if weight == 0.0:
+            return None
+        if self.cfg is None:
+            raise ValueError("sync: AnchorSync needs the guider's cfg scale; use ControlSync Sampler, KSampler or "
+                             "CFGGuider with the windowed model")
+        sigma = float(schedule[index])
+        return weight, sigma, float(schedule[index + 1]) / sigma
+
+    def sync_deltas(self, executor, model, conds, x_in, timestep, model_options, weight, sigma):
+        """Every window's gradient step toward the anchor, one window's graph at a time."""
+        sync, plan = self.config.sync, self.plan
+        grad_options = comfy.model_patcher.create_model_options_clone(model_options)
+        patches = grad_options.setdefault("transformer_options", {}).setdefault("patches", {})
+        # ControlNet residuals are added in place (h += ctrl) to skip tensors that the next block saved
+        # for backward; a copy after the skip connection keeps the saved tensor intact
+        patches["input_block_patch_after_skip"] = list(patches.get("input_block_patch_after_skip", [])) + [_copy_after_skip]
+        vae = sync.vae
+        comfy.model_management.load_models_gpu(comfy.model_management.loaded_models(only_currently_used=True) + [vae.patcher])
+        modules = [model.diffusion_model, vae.first_stage_model] + _control_modules(conds)
+        with autograd_through(modules):
+            loss_net = load_lpips(sync.loss_net, vae.device)
+
+            def denoise(i, x):
+                conds_w = [None if c is None else self.window_conds(c, (i,), x_in) for c in conds]
+                outs = executor(model, conds_w, x, timestep, grad_options)
+                return comfy.samplers.cfg_function(model, outs[0], outs[1], self.cfg, x, timestep,
+                                                   model_options=grad_options, cond=conds_w[0], uncond=conds_w[1])
+
+            def decode(x0):
+                z = model.latent_format.process_out(x0).to(vae.device, vae.vae_dtype)
+                return vae.first_stage_model.decode(z).float()
+
+            def loss(image, anchor_image):
+                return loss_net(image.to(anchor_image.device), anchor_image, normalize=False)
+
+            latents = [gather(x_in, r).clone() for r in plan.regions]
+            with torch.no_grad():
+                anchor_image = lpips_input(decode(denoise(plan.anchor, latents[plan.anchor])))
+
+            def gradient(i, x):
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                return window_sync_gradient(x, functools.partial(denoise, i), decode, loss, anchor_image,
+                                            through_model=sync.through_model)
+
+            deltas, skipped = sync_deltas(latents, plan.anchor, weight, sigma, gradient)
+        if skipped:
+            logging.warning(f"ControlSync AnchorSync: non-finite sync loss or gradient at sigma {sigma:.4g} for "
+                            f"window(s) {skipped}; they skip this sync step")
+        return [d.detach() for d in deltas]
+
     def close(self):
         for _, head in self.controls.values():
             head.cleanup()
         self.controls.clear()
         self.canvas_hints.clear()
+
+
+def _copy_after_skip(h, transformer_options):
+    return h.clone()
+
+
+def _control_modules(conds):
+    modules, seen = [], set()
+    for cond_list in conds:
+        for d in cond_list or ():
+            node = d.get("control")
+            while node is not None:
+                for name in ("control_model", "t2i_model"):
+                    m = getattr(node, name, None)
+                    if isinstance(m, torch.nn.Module) and id(m) not in seen:
+                        seen.add(id(m))
+                        modules.append(m)
+                node = node.previous_controlnet
+    return modules
+
+
+@contextlib.contextmanager
+def autograd_through(modules):
+    """Autograd inside ComfyUI's inference mode: weights loaded there are inference tensors, which
+    autograd cannot save for backward. Swap them for plain copies (no requires_grad) while the
+    gradient pass runs, and put the user's own tensors back afterwards, whatever happens."""
+    swapped, seen = [], set()
+    with torch.inference_mode(False), torch.enable_grad():
+        try:
+            for module in modules:
+                for sub in module.modules():
+                    if id(sub) in seen:
+                        continue
+                    seen.add(id(sub))
+                    for store in (sub._parameters, sub._buffers):
+                        for name, t in list(store.items()):
+                            if t is not None and t.is_inference():
+                                copy = t.clone()
+                                store[name] = torch.nn.Parameter(copy, requires_grad=False) if isinstance(t, torch.nn.Parameter) else copy
+                                swapped.append((store, name, t))
+            yield
+        finally:
+            for store, name, t in reversed(swapped):
+                store[name] = t
+
+
+LPIPS_BACKBONES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}
+_lpips_cache: dict = {}
+
+
+def lpips_backbone_path(net: str) -> str:
+    """The torchvision ImageNet backbone file LPIPS needs, from ComfyUI's models/lpips or torch's hub cache."""
+    name = LPIPS_BACKBONES[net]
+    folders = list(folder_paths.get_folder_paths("lpips")) if "lpips" in folder_paths.folder_names_and_paths else []
+    folders.append(os.path.join(torch.hub.get_dir(), "checkpoints"))
+    for folder in folders:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(
+        f"sync: LPIPS-{net} needs torchvision's ImageNet backbone file '{name}', found in none of: "
+        + ", ".join(folders) + f". Put '{name}' into ComfyUI/models/lpips/ (ControlSync never downloads at "
+        "sampling time). The LPIPS heads come with the lpips package.")
+
+
+def load_lpips(net: str, device):
+    key = (net, str(device))
+    if key not in _lpips_cache:
+        import lpips
+        path = lpips_backbone_path(net)
+        with torch.inference_mode(False):
+            model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            for block in model.net.children():
+                for index, layer in block.named_children():
+                    for pname, param in layer.named_parameters():
+                        param.data.copy_(state[f"features.{index}.{pname}"])
+            _lpips_cache[key] = model.eval().requires_grad_(False).to(device)
+    return _lpips_cache[key]
 
 
 def _resize_like_comfy(image, hw, algorithm):

@@ -1,6 +1,8 @@
 """ControlSyncSampler: KSampler over a window plan (joint windowed diffusion, per-window ControlNet crops)."""
 from __future__ import annotations
 
+import logging
+
 from comfy_api.latest import io
 
 import comfy.samplers
@@ -8,6 +10,7 @@ import nodes as comfy_nodes  # ComfyUI's nodes.py
 
 from ..sampling import PlanError
 from . import bridge
+from .anchor_sync import SyncType
 from .window_planner import WindowPlanType
 
 
@@ -17,15 +20,15 @@ def window_batch_input():
                                 "same as one at a time (up to float rounding); larger batches are faster on a GPU.")
 
 
-def check_plan_fits(model, plan, latent) -> None:
-    """Fail at the node, naming the input, before any sampling starts."""
+def check_plan_fits(model, plan, latent):
+    """Fail at the node, naming the input, before any sampling starts; returns the latent layout."""
     samples = latent["samples"]
     if samples.ndim != 4:
         raise ValueError(f"latent_image: ControlSync plans are 2-D images; got a latent of shape {tuple(samples.shape)}")
     bridge.refuse_unsupported(model.model_options)
     factor, multiple = bridge.latent_geometry(model)
     try:
-        plan.layout(tuple(samples.shape[-2:]), factor, multiple)
+        return plan.layout(tuple(samples.shape[-2:]), factor, multiple)
     except PlanError as e:
         raise ValueError(f"plan / latent_image: {e}") from None
 
@@ -60,15 +63,22 @@ class ControlSyncSampler(io.ComfyNode):
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Amount of denoising (below 1 keeps part of the input latent, as in KSampler)."),
                 window_batch_input(),
+                SyncType.Input("sync", optional=True,
+                               tooltip="AnchorSync settings: pulls every window toward the anchor window's look in the "
+                                       "first steps (SyncDiffusion / ControlSync). Leave empty for plain joint diffusion."),
             ],
             outputs=[io.Latent.Output(tooltip="The denoised canvas latent.")],
         )
 
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, plan,
-                denoise=1.0, window_batch_size=0) -> io.NodeOutput:
-        check_plan_fits(model, plan, latent_image)
-        windowed = bridge.windowed_model(model, plan, window_batch_size)
+                denoise=1.0, window_batch_size=0, sync=None) -> io.NodeOutput:
+        layout = check_plan_fits(model, plan, latent_image)
+        if sync is not None and len(layout.regions) < 2:
+            logging.warning("ControlSync Sampler: the plan has one window, so AnchorSync has nothing to synchronise; "
+                            "sampling without it")
+            sync = None
+        windowed = bridge.windowed_model(model, plan, window_batch_size, sync)
         (out,) = comfy_nodes.common_ksampler(windowed, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                              latent_image, denoise=denoise)
         return io.NodeOutput(out)

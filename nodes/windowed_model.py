@@ -4,6 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from . import bridge
+from .anchor_sync import SyncType
 from .controlsync_sampler import window_batch_input
 from .window_planner import WindowPlanType
 
@@ -22,10 +23,12 @@ class ControlSyncWindowedModel(io.ComfyNode):
                 io.Model.Input("model", tooltip="The model; it is cloned, never modified."),
                 WindowPlanType.Input("plan", tooltip="Windows from Window Planner (or a factor graph)."),
                 window_batch_input(),
+                SyncType.Input("sync", optional=True, tooltip="AnchorSync settings (needs a guider with a cfg scale, "
+                                                             "e.g. CFGGuider)."),
             ],
             outputs=[io.Model.Output(tooltip="A patched clone: connect it to a guider or sampler node.")],
         )
 
     @classmethod
-    def execute(cls, model, plan, window_batch_size=0) -> io.NodeOutput:
-        return io.NodeOutput(bridge.windowed_model(model, plan, window_batch_size))
+    def execute(cls, model, plan, window_batch_size=0, sync=None) -> io.NodeOutput:
+        return io.NodeOutput(bridge.windowed_model(model, plan, window_batch_size, sync))
