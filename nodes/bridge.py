@@ -305,7 +305,9 @@ class _Run:
         comfy.model_management.load_models_gpu(comfy.model_management.loaded_models(only_currently_used=True) + [vae.patcher])
         modules = [model.diffusion_model, vae.first_stage_model] + _control_modules(conds)
         with autograd_through(modules):
-            loss_net = load_lpips(sync.loss_net, vae.device)
+            # LPIPS in float32 (float64 when the VAE runs in float64: exact gradient checks)
+            loss_dtype = torch.float64 if vae.vae_dtype == torch.float64 else torch.float32
+            loss_net = load_lpips(sync.loss_net, vae.device, loss_dtype)
 
             def denoise(i, x):
                 conds_w = [None if c is None else self.window_conds(c, (i,), x_in) for c in conds]
@@ -315,7 +317,7 @@ class _Run:
 
             def decode(x0):
                 z = model.latent_format.process_out(x0).to(vae.device, vae.vae_dtype)
-                return vae.first_stage_model.decode(z).float()
+                return vae.first_stage_model.decode(z).to(loss_dtype)
 
             def loss(image, anchor_image):
                 return loss_net(image.to(anchor_image.device), anchor_image, normalize=False)
@@ -405,8 +407,8 @@ def lpips_backbone_path(net: str) -> str:
         "sampling time). The LPIPS heads come with the lpips package.")
 
 
-def load_lpips(net: str, device):
-    key = (net, str(device))
+def load_lpips(net: str, device, dtype=torch.float32):
+    key = (net, str(device), dtype)
     if key not in _lpips_cache:
         import lpips
         path = lpips_backbone_path(net)
@@ -417,7 +419,7 @@ def load_lpips(net: str, device):
                 for index, layer in block.named_children():
                     for pname, param in layer.named_parameters():
                         param.data.copy_(state[f"features.{index}.{pname}"])
-            _lpips_cache[key] = model.eval().requires_grad_(False).to(device)
+            _lpips_cache[key] = model.eval().requires_grad_(False).to(device, dtype)
     return _lpips_cache[key]
 
 
