@@ -8,6 +8,7 @@ import comfy.utils
 
 from ..sampling import PlanError, WindowPlan
 from ..sampling.preview import draw_plan
+from . import bridge
 
 WindowPlanType = io.Custom("WINDOW_PLAN")
 PREVIEW_MAX_SIDE = 2048
@@ -66,6 +67,8 @@ class WindowPlanner(io.ComfyNode):
             if samples.ndim != 4:
                 raise ValueError(f"latent: expected an image latent (batch, channels, height, width), got shape {tuple(samples.shape)}")
             height, width = samples.shape[-2] * LATENT_CELL_PX, samples.shape[-1] * LATENT_CELL_PX
+            if image is not None:
+                bridge.check_hint_aspect(tuple(image.shape[1:3]), (height, width))
         elif image is not None:
             height, width = (max(8, round(v / 8) * 8) for v in image.shape[1:3])
         try:

@@ -1,8 +1,10 @@
 """End to end: a real ComfyUI server loads the pack and runs the shipped workflow headless, with the
-command the README gives (workflows/run_workflow.py), on the main host and on the older 0.3.50 host.
+command the README gives (workflows/run_workflow.py), on the main host and on the older 0.3.50 host; the AnchorSync workflow (controlsync_anchorsync.json) runs on the
+main host only (its synced steps backpropagate through the UNet and the VAE decoder: the CPU time).
 
 The server runs on the CPU with small random-weight model files (tests/e2e_assets.py) under the
-standard names the workflow uses; the pack is found through `custom_nodes:` in an extra model paths
+standard names the workflow uses, and the LPIPS backbones (tests/tiny_models.write_lpips_backbones: the real
+ImageNet VGG16 / AlexNet convolutions, converted offline) sit in a folder mapped as `lpips:`; the pack is found through `custom_nodes:` in an extra model paths
 file, as a symlink in a temporary folder (any folder name works: the pack imports relatively).
 
 Hosts: main = conftest's host ($COMFYUI_PATH, the ComfyUI the pack sits in, ~/comfy/ComfyUI);
@@ -14,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,11 +30,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from comfy_host import PACK_DIR, find_host, host_version  # noqa: E402
-from e2e_assets import CONDITION_NAME, ensure_assets  # noqa: E402
+from e2e_assets import CONDITION_NAME, _locked, ensure_assets  # noqa: E402
 
 WORKFLOW = PACK_DIR / "workflows" / "controlsync_panorama.json"
+SYNC_WORKFLOW = PACK_DIR / "workflows" / "controlsync_anchorsync.json"
+LPIPS_DIR = Path(__file__).resolve().parent / ".cache" / "lpips"  # shared with test_sync.py
+LPIPS_FILES = ("vgg16-397923af.pth", "alexnet-owt-7be5be79.pth")
 RUNNER = PACK_DIR / "workflows" / "run_workflow.py"
-PACK_NODES = ("WindowPlanner", "ControlSyncSampler", "ControlSyncWindowedModel")
+PACK_NODES = ("WindowPlanner", "ControlSyncSampler", "ControlSyncWindowedModel", "AnchorSync")
 CANVAS_W, CANVAS_H = 384, 128  # the small condition image's size: the planner takes the canvas from it
 SMALL_RUN = ["--set", "Window Planner (ControlSync).window_width=128",   # by display name
              "--set", "WindowPlanner.window_height=128",                 # by type
@@ -56,6 +62,28 @@ def require(host: Path | None, what: str) -> Path:
     return host
 
 
+def ensure_lpips(host: Path, python: str = PYTHON, folder: Path = LPIPS_DIR) -> Path:
+    """The LPIPS backbone files AnchorSync loads, converted once (in a subprocess of the host's python:
+    tiny_models imports ComfyUI) into the cache test_sync.py uses too."""
+    if all((folder / name).is_file() for name in LPIPS_FILES):
+        return folder
+    code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; import comfy.cli_args; "
+            "comfy.cli_args.args.cpu = True; import tiny_models; tiny_models.write_lpips_backbones(sys.argv[3])")
+    with _locked(folder.parent / "lpips.lock"):
+        if not all((folder / name).is_file() for name in LPIPS_FILES):
+            tmp = folder.parent / f"lpips.tmp{os.getpid()}"
+            proc = subprocess.run([python, "-c", code, str(host), str(Path(__file__).resolve().parent), str(tmp)],
+                                  capture_output=True, text=True, timeout=600)
+            if proc.returncode != 0:
+                raise RuntimeError(f"converting the LPIPS backbones failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+            folder.mkdir(parents=True, exist_ok=True)
+            for name in LPIPS_FILES:  # whole files only: a run cut short leaves no half-written backbone
+                if not (folder / name).is_file():
+                    os.replace(tmp / name, folder / name)
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -77,7 +105,7 @@ def http_json(url: str, timeout: float = 30):
 
 
 class ComfyServer:
-    def __init__(self, host: Path, root: Path, assets):
+    def __init__(self, host: Path, root: Path, assets, lpips: Path):
         self.host, self.version, self.root = host, host_version(host), root
         self.input_dir, self.output_dir = root / "input", root / "output"
         for d in (self.input_dir, self.output_dir, root / "temp", root / "user", root / "custom_nodes"):
@@ -85,7 +113,7 @@ class ComfyServer:
         already_installed = any(p.resolve() == PACK_DIR for p in (host / "custom_nodes").iterdir()) \
             if (host / "custom_nodes").is_dir() else False
         lines = ["controlsync_e2e:", "  is_default: true",
-                 f"  checkpoints: {assets.checkpoints}", f"  controlnet: {assets.controlnet}"]
+                 f"  checkpoints: {assets.checkpoints}", f"  controlnet: {assets.controlnet}", f"  lpips: {lpips}"]
         if not already_installed:
             (root / "custom_nodes" / "ControlSync").symlink_to(PACK_DIR, target_is_directory=True)
             lines.append(f"  custom_nodes: {root / 'custom_nodes'}")
@@ -146,7 +174,9 @@ def server(request, tmp_path_factory):
     host = require(main, "the main ComfyUI host") if request.param == "main" \
         else require(old_host(), "the old ComfyUI host (0.3.50; set COMFYUI_OLD_PATH)")
     assets = ensure_assets(main or host, python=PYTHON)
-    srv = ComfyServer(host, tmp_path_factory.mktemp(f"comfy-{request.param}"), assets)
+    lpips = ensure_lpips(main or host)
+    srv = ComfyServer(host, tmp_path_factory.mktemp(f"comfy-{request.param}"), assets, lpips)
+    srv.kind = request.param
     try:
         srv.wait_ready()
         srv.object_info = http_json(srv.url + "/object_info", timeout=120)
@@ -161,9 +191,9 @@ def announce(capsys, srv, what: str) -> None:
         print(f"\n[e2e] {what}: {srv.describe()}")
 
 
-def run_workflow(srv, out_dir: Path, *extra, timeout=RUN_TIMEOUT):
+def run_workflow(srv, out_dir: Path, *extra, timeout=RUN_TIMEOUT, workflow=WORKFLOW):
     """The README's command, as a user runs it."""
-    cmd = [sys.executable, str(RUNNER), str(WORKFLOW), "--server", srv.url, "--out", str(out_dir), *extra]
+    cmd = [sys.executable, str(RUNNER), str(workflow), "--server", srv.url, "--out", str(out_dir), *extra]
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -341,6 +341,9 @@ def test_planner_takes_canvas_from_latent_then_image_and_draws_preview(w):
     lat = {"samples": torch.zeros(1, 4, 16, 40)}
     p2, _, latent2 = w.Planner.execute(3072, 512, 64, 64, 32, "first", 0, "uniform", latent=lat).args
     assert p2.canvas_px == (128, 320) and latent2 is lat
+    with pytest.raises(ValueError, match="condition image is 192x64.*canvas is 640x128"):
+        w.Planner.execute(3072, 512, 64, 64, 32, "first", 0, "uniform", image=w.image,
+                          latent={"samples": torch.zeros(1, 4, 16, 80)})
     with pytest.raises(ValueError, match="anchor_index 50 is past the last window"):
         w.Planner.execute(3072, 512, 512, 512, 64, "index", 50, "uniform")
 
