@@ -1,7 +1,8 @@
 """ControlSync's ComfyUI nodes: one file per node, plus bridge.py, the one module that talks to ComfyUI internals."""
 from .anchor_sync import AnchorSync
 from .controlsync_sampler import ControlSyncSampler
+from .factor_graph_collage import FactorGraphCollage
 from .window_planner import WindowPlanner
 from .windowed_model import ControlSyncWindowedModel
 
-NODES = [WindowPlanner, ControlSyncSampler, AnchorSync, ControlSyncWindowedModel]
+NODES = [WindowPlanner, ControlSyncSampler, AnchorSync, FactorGraphCollage, ControlSyncWindowedModel]

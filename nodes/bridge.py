@@ -186,14 +186,18 @@ class _Run:
         return self.plan
 
     def batches(self, model, plan, conds, x_in):
-        n = len(plan.regions)
+        """Runs of region indices to denoise in one model call; only regions of one size batch together
+        (factor graphs mix factor and variable sizes)."""
         size = self.config.window_batch
         if any(c is not None and any("area" in d for d in c) for c in conds):
             size = 1  # area conds are intersected with each window, so windows differ in their conds
         elif size <= 0:
             size = _auto_window_batch(model, plan, conds, x_in)
-        size = max(1, min(size, n))
-        return [tuple(range(s, min(s + size, n))) for s in range(0, n, size)]
+        by_size = {}
+        for i, region in enumerate(plan.regions):
+            by_size.setdefault(region.size, []).append(i)
+        size = max(1, size)
+        return [tuple(ids[s:s + size]) for ids in by_size.values() for s in range(0, len(ids), size)]
 
     def window_conds(self, cond_list, batch, x_in):
         out = []
@@ -462,7 +466,7 @@ def _window_area(area, region):
 def _auto_window_batch(model, plan, conds, x_in) -> int:
     """As many windows per call as fit in free memory with ComfyUI's own 1.5x margin
     (twice the UNet estimate when ControlNets run too)."""
-    h, w = plan.regions[0].size
+    h, w = max(r.size for r in plan.regions)
     n_conds = sum(c is not None for c in conds)
     shape = [x_in.shape[0] * max(n_conds, 1), x_in.shape[1], h, w]
     per_window = model.memory_required(shape)

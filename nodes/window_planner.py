@@ -62,27 +62,41 @@ class WindowPlanner(io.ComfyNode):
     @classmethod
     def execute(cls, width, height, window_width, window_height, stride, anchor, anchor_index, blend,
                 image=None, latent=None) -> io.NodeOutput:
-        if latent is not None:
-            samples = latent["samples"]
-            if samples.ndim != 4:
-                raise ValueError(f"latent: expected an image latent (batch, channels, height, width), got shape {tuple(samples.shape)}")
-            height, width = samples.shape[-2] * LATENT_CELL_PX, samples.shape[-1] * LATENT_CELL_PX
-            if image is not None:
-                bridge.check_hint_aspect(tuple(image.shape[1:3]), (height, width))
-        elif image is not None:
-            height, width = (max(8, round(v / 8) * 8) for v in image.shape[1:3])
+        height, width = canvas_size(width, height, image, latent)
         try:
             plan = WindowPlan((height, width), (window_height, window_width), (stride, stride), anchor, anchor_index, blend)
             layout = plan.layout((height // LATENT_CELL_PX, width // LATENT_CELL_PX), LATENT_CELL_PX)
         except PlanError as e:
             raise ValueError(f"WindowPlanner: {e}") from None
-        if latent is None:
-            latent = {"samples": torch.zeros(1, 4, height // LATENT_CELL_PX, width // LATENT_CELL_PX)}
-        scale = min(1.0, PREVIEW_MAX_SIDE / max(height, width))
-        ph, pw = max(1, round(height * scale)), max(1, round(width * scale))
+        return io.NodeOutput(plan, preview(layout, image), latent or empty_latent(height, width))
+
+
+def canvas_size(width, height, image=None, latent=None) -> tuple[int, int]:
+    """(height, width) in pixels: from the latent if connected, else the image (rounded to 8 px), else the widgets."""
+    if latent is not None:
+        samples = latent["samples"]
+        if samples.ndim != 4:
+            raise ValueError(f"latent: expected an image latent (batch, channels, height, width), got shape {tuple(samples.shape)}")
+        height, width = samples.shape[-2] * LATENT_CELL_PX, samples.shape[-1] * LATENT_CELL_PX
         if image is not None:
-            background = comfy.utils.common_upscale(image[:1].movedim(-1, 1), pw, ph, "bilinear", "center").movedim(1, -1)[0]
-        else:
-            background = torch.full((ph, pw, 3), 0.5)
-        preview = draw_plan(background.float().clamp(0, 1), layout, LATENT_CELL_PX * scale, thickness=max(2, round(3 * scale)))
-        return io.NodeOutput(plan, preview[None], latent)
+            bridge.check_hint_aspect(tuple(image.shape[1:3]), (height, width))
+    elif image is not None:
+        height, width = (max(8, round(v / 8) * 8) for v in image.shape[1:3])
+    return height, width
+
+
+def empty_latent(height, width):
+    # 4 channels: ComfyUI's samplers widen an all-zero latent to the model's channel count
+    return {"samples": torch.zeros(1, 4, height // LATENT_CELL_PX, width // LATENT_CELL_PX)}
+
+
+def preview(layout, image=None):
+    """The plan's regions drawn over the condition image (or grey), at most PREVIEW_MAX_SIDE px."""
+    height, width = (v * LATENT_CELL_PX for v in layout.canvas)
+    scale = min(1.0, PREVIEW_MAX_SIDE / max(height, width))
+    ph, pw = max(1, round(height * scale)), max(1, round(width * scale))
+    if image is not None:
+        background = comfy.utils.common_upscale(image[:1].movedim(-1, 1), pw, ph, "bilinear", "center").movedim(1, -1)[0]
+    else:
+        background = torch.full((ph, pw, 3), 0.5)
+    return draw_plan(background.float().clamp(0, 1), layout, LATENT_CELL_PX * scale, thickness=max(2, round(3 * scale)))[None]

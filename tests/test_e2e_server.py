@@ -260,6 +260,27 @@ def test_shipped_workflow_converts(server, capsys):
         server.object_info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
 
 
+def test_anchorsync_workflow_converts(server, capsys):
+    """The AnchorSync workflow: the panorama graph, plus the checkpoint's VAE -> AnchorSync -> the sampler's sync."""
+    announce(capsys, server, "AnchorSync conversion")
+    runner = load_runner()
+    prompt, _ = runner.convert(json.loads(SYNC_WORKFLOW.read_text()), server.object_info)
+    plain, _ = runner.convert(json.loads(WORKFLOW.read_text()), server.object_info)
+    types = {nid: n["class_type"] for nid, n in prompt.items()}
+    assert sorted(types.values()) == sorted([n["class_type"] for n in plain.values()] + ["AnchorSync"])
+    by_type = {v: k for k, v in types.items()}
+    sync_id = by_type["AnchorSync"]
+    assert prompt[sync_id]["inputs"] == {"vae": [by_type["CheckpointLoaderSimple"], 2], "weight": 20.0, "decay": 0.95,
+                                         "sync_steps": 10, "lpips_net": "vgg", "gradient": "exact"}
+    assert prompt[by_type["SaveImage"]]["inputs"]["filename_prefix"] == "ControlSync_sync"
+    sampler = prompt[by_type["ControlSyncSampler"]]["inputs"]
+    assert sampler.pop("sync") == [sync_id, 0]
+    # everything else as in the panorama workflow (same node ids)
+    del prompt[sync_id]
+    prompt[by_type["SaveImage"]]["inputs"]["filename_prefix"] = "ControlSync"
+    assert prompt == plain
+
+
 def test_conversion_follows_reroutes_primitives_and_bypass(server):
     """What users add in the UI: a reroute, a Primitive driving the seed, a bypassed and a muted node."""
     runner = load_runner()
@@ -334,6 +355,55 @@ def test_panorama_run(server, tmp_path, capsys):
 
     preview = Image.open(previews[0])  # the planner's window drawing over the condition image
     assert preview.size == (CANVAS_W, CANVAS_H)
+
+
+def _saved_image(proc, prefix):
+    from PIL import Image
+    saved = [Path(p) for p in proc.stdout.split() if Path(p).name.startswith(prefix)]
+    assert len(saved) == 1, proc.stdout
+    return saved[0], Image.open(saved[0])
+
+
+def test_anchorsync_run(server, tmp_path, capsys):
+    """The AnchorSync workflow, small (as test_panorama_run; lpips alex; sync_steps 17 of 50: the first of
+    3 steps synced), against the same
+    run with weight 0: the sync step has to change the picture. Main host only: CPU time."""
+    import numpy as np
+
+    if server.kind != "main":
+        pytest.skip("the AnchorSync run is checked on the main host only (CPU time)")
+    announce(capsys, server, "AnchorSync run")
+    small = ["--image", str(server.assets.small_condition), "--verbose", *SMALL_RUN,
+             "--set", "Anchor Sync (ControlSync).lpips_net=alex", "--set", "AnchorSync.sync_steps=17"]
+    pixels, times = {}, {}
+    for weight in ("20", "0"):
+        t0 = time.monotonic()
+        proc = run_workflow(server, tmp_path / f"w{weight}", *small, "--set", f"AnchorSync.weight={weight}",
+                            workflow=SYNC_WORKFLOW)
+        times[weight] = time.monotonic() - t0
+        assert proc.returncode == 0, \
+            f"run_workflow.py failed:\n{proc.stdout}\n{proc.stderr}\nserver log:\n{server.log_tail()}"
+        path, image = _saved_image(proc, "ControlSync_sync")
+        assert image.size == (CANVAS_W, CANVAS_H)
+        meta = json.loads(image.info["prompt"])
+        sync = next(n for n in meta.values() if n["class_type"] == "AnchorSync")["inputs"]
+        assert (sync["weight"], sync["sync_steps"], sync["lpips_net"]) == (float(weight), 17, "alex")
+        pixels[weight] = np.asarray(image.convert("RGB"), dtype=np.float64)
+        assert np.isfinite(pixels[weight]).all()
+        assert pixels[weight].std() > 5 and len(np.unique(pixels[weight].reshape(-1, 3), axis=0)) > 100, \
+            f"the image is (nearly) constant: {path}"
+    # the anchor window (the first, x < 128 px) is never moved: the picture changes away from it. Only the
+    # anchor covers x < 64 (what changes there leaks in through the overlap over the later steps and the VAE)
+    diff = np.abs(pixels["20"] - pixels["0"]).mean(axis=2)
+    anchor_only, outside = diff[:, :64].mean(), diff[:, 128:].mean()
+    with capsys.disabled():
+        print(f"[e2e] {server.describe()}: AnchorSync {CANVAS_W}x{CANVAS_H}, 5 windows, 1 of 3 steps synced (alex) in "
+              f"{times['20']:.1f}s; weight 0 in {times['0']:.1f}s; mean |difference| outside the anchor window "
+              f"{outside:.2f}/255, where only the anchor is {anchor_only:.2f}/255")
+    assert outside > 0.5 and (diff[:, 128:] >= 2).mean() > 0.1, \
+        f"AnchorSync at weight 20 barely changed the windows: mean |difference| {outside:.3f}"
+    assert anchor_only < outside / 3, f"the anchor's own part changed as much as the rest: {anchor_only:.3f} vs {outside:.3f}"
+    assert "AnchorSync: non-finite" not in server.log_tail(400), server.log_tail(400)
 
 
 def test_errors_are_reported(server, tmp_path, capsys):

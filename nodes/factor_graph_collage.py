@@ -1,0 +1,65 @@
+"""FactorGraphCollage: DiffCollage factor graphs (chains, seamless loops, grids) for ControlSync Sampler."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..sampling import PlanError
+from ..sampling.factor_graphs import GRAPHS, FactorGraphPlan
+from .window_planner import LATENT_CELL_PX, WindowPlanType, canvas_size, empty_latent, preview
+
+
+class FactorGraphCollage(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FactorGraphCollage",
+            display_name="Factor Graph Collage (ControlSync)",
+            category="sampling/controlsync",
+            description="DiffCollage: the canvas as a factor graph of model-sized pieces. Every step the model "
+                        "denoises each factor and each overlap, and the canvas prediction is sum(factors) - "
+                        "sum((degree-1) * overlaps): exact for tree-shaped graphs, where plain averaging is not. "
+                        "chain: long images; cycle: a horizontal loop that wraps with no seam (360 panoramas); "
+                        "grid: any height and width. Sampled by ControlSync Sampler, with ControlNet crops and "
+                        "AnchorSync like window plans.",
+            inputs=[
+                io.Combo.Input("graph", options=list(GRAPHS), default="chain",
+                               tooltip="chain: factors in a row (long images); cycle: a loop whose last factor overlaps "
+                                       "the first (seamless horizontal wrap); grid: factors overlapping on all sides."),
+                io.Int.Input("width", default=2048, min=64, max=16384, step=8,
+                             tooltip="Canvas width in pixels. Ignored when a latent or an image is connected."),
+                io.Int.Input("height", default=512, min=64, max=16384, step=8,
+                             tooltip="Canvas height in pixels. Ignored when a latent or an image is connected."),
+                io.Int.Input("window_width", default=512, min=64, max=16384, step=8,
+                             tooltip="Width of one factor: the model's training size."),
+                io.Int.Input("window_height", default=512, min=64, max=16384, step=8,
+                             tooltip="Height of one factor. Chains and loops running horizontally need it equal to "
+                                     "the canvas height."),
+                io.Int.Input("overlap", default=256, min=0, max=16384, step=8,
+                             tooltip="Pixels shared by neighbouring factors (the DiffCollage paper: half a window). For "
+                                     "a loop the canvas width must be a multiple of window_width - overlap."),
+                io.Combo.Input("direction", options=["horizontal", "vertical"], default="horizontal",
+                               tooltip="Chains only: left to right, or top to bottom."),
+                io.Int.Input("anchor_index", default=0, min=0, max=100000,
+                             tooltip="The factor AnchorSync synchronises the others to (from 0)."),
+                io.Image.Input("image", optional=True,
+                               tooltip="The condition image: canvas size (rounded to 8 px) unless a latent is connected, "
+                                       "and the preview background."),
+                io.Latent.Input("latent", optional=True, tooltip="A latent to sample: the canvas takes its size."),
+            ],
+            outputs=[
+                WindowPlanType.Output(display_name="plan", tooltip="Connect to ControlSync Sampler's plan input."),
+                io.Image.Output(display_name="preview", tooltip="The factors over the canvas; the anchor is tinted pink."),
+                io.Latent.Output(display_name="latent", tooltip="The connected latent, or an empty latent of the canvas size."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, graph, width, height, window_width, window_height, overlap, direction, anchor_index,
+                image=None, latent=None) -> io.NodeOutput:
+        height, width = canvas_size(width, height, image, latent)
+        try:
+            plan = FactorGraphPlan(graph, (height, width), (window_height, window_width), overlap, direction, anchor_index)
+            layout = plan.layout((height // LATENT_CELL_PX, width // LATENT_CELL_PX), LATENT_CELL_PX)
+        except PlanError as e:
+            raise ValueError(f"FactorGraphCollage: {e}") from None
+        return io.NodeOutput(plan, preview(layout, image), latent or empty_latent(height, width))

@@ -1,0 +1,159 @@
+"""DiffCollage factor graphs as region plans (plain torch-free geometry).
+
+Factors are overlapping windows; variables are their overlaps. The merged prediction is
+D = sum_f D_f - sum_v (deg(v) - 1) D_v (the Bethe approximation, exact on trees). For overlaps that
+meet again (grid corners) the same rule generalises to counting numbers over the intersections of
+factors: c_R = 1 - sum of c_S over the regions S strictly containing R (Kikuchi); on chains and
+cycles this is exactly DiffCollage's rule, and on every canvas cell the coefficients sum to 1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .plans import PlanError, RegionPlan, _cells, rect_region, window_starts
+
+GRAPHS = ("chain", "cycle", "grid")
+
+
+@dataclass(frozen=True)
+class Span:
+    """[start, start + length) on a line, or on a circle of `size` cells when `wrap`."""
+    start: int
+    length: int
+
+    def cells(self, size: int, wrap: bool) -> frozenset:
+        return frozenset(((self.start + i) % size) if wrap else self.start + i for i in range(self.length))
+
+
+def _span_of(cells: frozenset, size: int, wrap: bool) -> Span:
+    """The one contiguous (possibly wrapping) span holding exactly `cells`."""
+    if len(cells) == size:
+        return Span(0, size)
+    starts = [c for c in cells if ((c - 1) % size if wrap else c - 1) not in cells]
+    if len(starts) != 1:
+        raise PlanError("two factors overlap in more than one place: use more factors or less overlap")
+    return Span(starts[0], len(cells))
+
+
+@dataclass(frozen=True)
+class Box:
+    ys: Span
+    xs: Span
+
+
+def factor_region_plan(canvas: tuple[int, int], factors: list[Box], wrap_x: bool = False,
+                       anchor: int = 0) -> RegionPlan:
+    """Factors plus every intersection of factors, each with its counting number; regions whose
+    counting number is zero are left out (they cost a model call and add nothing)."""
+    H, W = canvas
+
+    def cellset(b: Box):
+        return (b.ys.cells(H, False), b.xs.cells(W, wrap_x))
+
+    sets = {cellset(b): b for b in factors}
+    if len(sets) != len(factors):
+        raise PlanError("two factors cover the same cells")
+    frontier = list(sets)
+    while frontier:  # close the family under intersection
+        new = []
+        for a in frontier:
+            for b in list(sets):
+                inter = (a[0] & b[0], a[1] & b[1])
+                if inter[0] and inter[1] and inter not in sets:
+                    sets[inter] = Box(_span_of(inter[0], H, False), _span_of(inter[1], W, wrap_x))
+                    new.append(inter)
+        frontier = new
+    order = sorted(sets, key=lambda s: -len(s[0]) * len(s[1]))
+    counting = {}
+    for r in order:
+        above = [s for s in counting if r[0] <= s[0] and r[1] <= s[1] and s != r]
+        counting[r] = 1 - sum(counting[s] for s in above)
+    factor_keys = [cellset(b) for b in factors]
+    kept = factor_keys + [r for r in order if r not in factor_keys and counting[r] != 0]
+    regions, coefficients = [], []
+    for key in kept:
+        box = sets[key]
+        regions.append(rect_region(box.ys.start, box.xs.start, box.ys.length, box.xs.length, canvas if wrap_x else None))
+        coefficients.append(float(counting[key]))
+    return RegionPlan(canvas, tuple(regions), tuple(coefficients), 0, anchor)
+
+
+def chain_factors(canvas: tuple[int, int], window: tuple[int, int], overlap: int, axis: int) -> list[Box]:
+    """Factors along one axis (0: top to bottom, 1: left to right); the last sits flush with the edge."""
+    size, length = window[axis], canvas[axis]
+    if window[1 - axis] != canvas[1 - axis]:
+        raise PlanError("a chain's factors span the canvas across the chain: window and canvas must match there")
+    starts = window_starts(length, size, size - overlap)
+    spans = [Span(s, size) for s in starts]
+    full = Span(0, canvas[1 - axis])
+    return [Box(full, s) if axis == 1 else Box(s, full) for s in spans]
+
+
+def cycle_factors(canvas: tuple[int, int], window: tuple[int, int], overlap: int) -> list[Box]:
+    """A horizontal loop: factors every (window - overlap) cells, the last overlapping the first."""
+    H, W = canvas
+    step = window[1] - overlap
+    if window[0] != H:
+        raise PlanError("a loop's factors span the canvas height: window_height must equal the canvas height")
+    if W % step:
+        raise PlanError(f"for a seamless loop the canvas width ({W} cells) must be a multiple of window - overlap "
+                        f"({step} cells)")
+    if W // step < 3:
+        raise PlanError("a loop needs at least 3 factors: widen the canvas or shrink the window")
+    return [Box(Span(0, H), Span(k * step, window[1])) for k in range(W // step)]
+
+
+def grid_factors(canvas: tuple[int, int], window: tuple[int, int], overlap: int) -> list[Box]:
+    ys = window_starts(canvas[0], window[0], window[0] - overlap)
+    xs = window_starts(canvas[1], window[1], window[1] - overlap)
+    return [Box(Span(y, window[0]), Span(x, window[1])) for y in ys for x in xs]
+
+
+@dataclass(frozen=True)
+class FactorGraphPlan:
+    """A DiffCollage factor graph over a canvas, in pixels (sampled through the WINDOW_PLAN socket)."""
+    graph: str
+    canvas_px: tuple[int, int]
+    window_px: tuple[int, int]
+    overlap_px: int
+    direction: str = "horizontal"   # chains: horizontal or vertical
+    anchor: int = 0
+
+    def __post_init__(self):
+        if self.graph not in GRAPHS:
+            raise PlanError(f"graph must be one of {GRAPHS}, got {self.graph!r}")
+        for value, name in ((self.canvas_px[0], "height"), (self.canvas_px[1], "width"),
+                            (self.window_px[0], "window_height"), (self.window_px[1], "window_width")):
+            if value <= 0 or value % 8:
+                raise PlanError(f"{name} must be a positive multiple of 8 px, got {value}")
+        if self.overlap_px < 0 or self.overlap_px % 8:
+            raise PlanError(f"overlap must be a multiple of 8 px and >= 0, got {self.overlap_px}")
+        for window, canvas, name in zip(self.window_px, self.canvas_px, ("window_height", "window_width")):
+            if window > canvas:
+                raise PlanError(f"{name} = {window} px is larger than the canvas ({canvas} px): the graph is too small "
+                                f"for the window")
+        if self.graph == "grid":
+            along = min(self.window_px)
+        else:
+            along = self.window_px[0] if (self.graph == "chain" and self.direction == "vertical") else self.window_px[1]
+        if self.overlap_px >= along:
+            raise PlanError(f"overlap = {self.overlap_px} px must be smaller than the window ({self.window_px[1]}x"
+                            f"{self.window_px[0]} px)")
+
+    def layout(self, latent_hw: tuple[int, int], factor: int = 8, multiple: int = 1) -> RegionPlan:
+        H, W = latent_hw
+        if (H * factor, W * factor) != tuple(self.canvas_px):
+            raise PlanError(
+                f"the latent is {W * factor}x{H * factor} px but the factor graph was made for a "
+                f"{self.canvas_px[1]}x{self.canvas_px[0]} px canvas: give FactorGraphCollage the same size")
+        window = tuple(_cells(v, factor, multiple, n) for v, n in zip(self.window_px, ("window_height", "window_width")))
+        overlap = _cells(self.overlap_px, factor, 1, "overlap") if self.overlap_px else 0
+        if self.graph == "chain":
+            boxes = chain_factors((H, W), window, overlap, 0 if self.direction == "vertical" else 1)
+        elif self.graph == "cycle":
+            boxes = cycle_factors((H, W), window, overlap)
+        else:
+            boxes = grid_factors((H, W), window, overlap)
+        if self.anchor >= len(boxes):
+            raise PlanError(f"anchor {self.anchor} is past the last factor ({len(boxes)} factors)")
+        return factor_region_plan((H, W), boxes, wrap_x=self.graph == "cycle", anchor=self.anchor)
