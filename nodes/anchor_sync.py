@@ -45,12 +45,16 @@ class AnchorSync(io.ComfyNode):
                                tooltip="exact: the gradient flows through CFG, ControlNets, UNet and VAE decoder (the "
                                        "paper). 'skip model Jacobian' treats the model's prediction as fixed: faster, "
                                        "less memory, approximate."),
+                io.Combo.Input("loss_resolution", options=["full", "half"], default="full", optional=True,
+                               tooltip="full: the loss decodes each window at full size (the paper). half: x0 is "
+                                       "average-pooled 2x before decoding - about 4x less decoder and LPIPS time and "
+                                       "memory per window, coarser guidance."),
             ],
             outputs=[SyncType.Output(display_name="sync", tooltip="Connect to ControlSync Sampler's sync input.")],
         )
 
     @classmethod
-    def execute(cls, vae, weight, decay, sync_steps, lpips_net, gradient) -> io.NodeOutput:
+    def execute(cls, vae, weight, decay, sync_steps, lpips_net, gradient, loss_resolution="full") -> io.NodeOutput:
         if vae is None or getattr(vae, "first_stage_model", None) is None:
             raise ValueError("vae: AnchorSync needs a VAE with a decoder (the checkpoint's VAE); none was given")
         try:
@@ -58,4 +62,5 @@ class AnchorSync(io.ComfyNode):
         except FileNotFoundError as e:
             raise ValueError(f"lpips_net: {e}") from None
         schedule = SyncSchedule(weight=weight, decay=decay, steps=sync_steps)
-        return io.NodeOutput(bridge.SyncSettings(schedule, vae, lpips_net, gradient == "exact"))
+        return io.NodeOutput(bridge.SyncSettings(schedule, vae, lpips_net, gradient == "exact",
+                                                 2 if loss_resolution == "half" else 1))

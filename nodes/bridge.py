@@ -43,6 +43,7 @@ class SyncSettings:
     vae: object              # comfy.sd.VAE: the decoder the loss looks through
     loss_net: str = "vgg"    # LPIPS backbone
     through_model: bool = True  # False: skip the denoiser's Jacobian (fast mode)
+    loss_downscale: int = 1     # 2: the loss looks at x0 decoded at half size (4x cheaper decoder and LPIPS)
 
 
 @dataclass(frozen=True)
@@ -320,6 +321,8 @@ class _Run:
                                                    model_options=grad_options, cond=conds_w[0], uncond=conds_w[1])
 
             def decode(x0):
+                if sync.loss_downscale > 1:
+                    x0 = torch.nn.functional.avg_pool2d(x0, sync.loss_downscale)
                 z = model.latent_format.process_out(x0).to(vae.device, vae.vae_dtype)
                 return vae.first_stage_model.decode(z).to(loss_dtype)
 
@@ -464,8 +467,11 @@ def _window_area(area, region):
 
 
 def _auto_window_batch(model, plan, conds, x_in) -> int:
-    """As many windows per call as fit in free memory with ComfyUI's own 1.5x margin
-    (twice the UNet estimate when ControlNets run too)."""
+    """On a GPU, as many windows per call as fit in free memory with ComfyUI's own 1.5x margin
+    (twice the UNet estimate when ControlNets run too). On the CPU one: larger batches bring no
+    parallelism there and measured slower (tests/benchmark_windows.py)."""
+    if x_in.device.type == "cpu":
+        return 1
     h, w = max(r.size for r in plan.regions)
     n_conds = sum(c is not None for c in conds)
     shape = [x_in.shape[0] * max(n_conds, 1), x_in.shape[1], h, w]

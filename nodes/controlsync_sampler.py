@@ -16,8 +16,8 @@ from .window_planner import WindowPlanType
 
 def window_batch_input():
     return io.Int.Input("window_batch_size", default=0, min=0, max=256,
-                        tooltip="Windows denoised per model call. 0 = as many as free memory allows. Results are the "
-                                "same as one at a time (up to float rounding); larger batches are faster on a GPU.")
+                        tooltip="Windows denoised per model call. 0 = automatic: as many as free memory allows on a "
+                                "GPU, one on the CPU. Results are the same as one at a time (up to float rounding).")
 
 
 def check_plan_fits(model, plan, latent):

@@ -26,8 +26,8 @@ MODES = ("off", "exact", "fast")
 
 
 def child(args):
-    import resource
     import torch
+    from benchmark_windows import PeakRSS
     from comfy_host import find_host, import_host
     import_host(find_host(), cpu=args.device == "cpu")
     import folder_paths
@@ -51,12 +51,13 @@ def child(args):
             sync = AnchorSync.execute(vae, 20.0, 0.95, args.sync_steps, args.net,
                                       "exact" if args.mode == "exact" else "skip model Jacobian").args[0]
         latent = {"samples": torch.zeros(1, 4, win // 8, width // 8)}
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        start = time.perf_counter()
-        out = ControlSyncSampler.execute(model, 1, args.steps, 7.5, "ddim", "ddim_uniform", pos, neg, latent, plan,
-                                         1.0, 0, sync).args[0]["samples"]
-        seconds = time.perf_counter() - start
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if sync is not None:
+            bridge.load_lpips(args.net, "cpu")  # loaded once per session in real use: not part of a run's peak
+        with PeakRSS() as rss:
+            start = time.perf_counter()
+            out = ControlSyncSampler.execute(model, 1, args.steps, 7.5, "ddim", "ddim_uniform", pos, neg, latent, plan,
+                                             1.0, 0, sync).args[0]["samples"]
+            seconds = time.perf_counter() - start
         images = vae.decode(out).movedim(-1, 1) * 2 - 1
     lpips = bridge.load_lpips(args.net, "cpu")
     layout = plan.layout((win // 8, width // 8), 8)
@@ -64,7 +65,7 @@ def child(args):
              for r in layout.regions]
     with torch.no_grad():
         drift = [float(lpips(c, crops[layout.anchor])) for i, c in enumerate(crops) if i != layout.anchor]
-    print(json.dumps({"seconds": seconds, "rss_growth_mib": (peak - base) / 1024, "lpips_to_anchor": sum(drift) / len(drift)}))
+    print(json.dumps({"seconds": seconds, "rss_growth_mib": rss.growth_mib, "lpips_to_anchor": sum(drift) / len(drift)}))
 
 
 def main():

@@ -52,6 +52,37 @@ def build(args):
     return model, conds
 
 
+class PeakRSS:
+    """Peak resident memory above the level at entry, polled from /proc every 2 ms (ru_maxrss cannot be
+    reset, and the models built before the run already set it)."""
+
+    def __enter__(self):
+        import threading
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.start = self.peak = self._rss()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def _rss(self):
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _poll(self):
+        while not self.stop.wait(0.002):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def growth_mib(self):
+        return (self.peak - self.start) / 2**20
+
+
 def timed(fn):
     t = time.perf_counter()
     fn()
@@ -97,13 +128,12 @@ def bench_time(args):
     plan = WindowPlanner.execute(args.canvas_width, win, win, win, args.stride, "first", 0, "uniform").args[0]
     n = len(plan.layout((lat, args.canvas_width // 8), 8).regions)
     b = alternate({"sequential (batch 1)": lambda: controlsync(wide_conds, wide, plan, 1, args.steps),
-                   "batched (auto)": lambda: controlsync(wide_conds, wide, plan, 0, args.steps)}, args.repeats)
+                   f"batched ({n} per call)": lambda: controlsync(wide_conds, wide, plan, n, args.steps)}, args.repeats)
     return a, b, n
 
 
 def peak_memory_child(args):
     """Runs in a fresh process: one sampling run with `args.windows` windows; prints its peak memory."""
-    import resource
     import torch
     from controlsync.nodes.window_planner import WindowPlanner
     model, conds = build(args)
@@ -114,17 +144,16 @@ def peak_memory_child(args):
     latent, wide_conds = {"samples": torch.zeros(1, 4, win // 8, width // 8)}, conds(win, width)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    controlsync(wide_conds, latent, plan, args.batch, 2)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with PeakRSS() as rss:
+        controlsync(wide_conds, latent, plan, args.batch, 2)
     gpu = torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None
-    print(json.dumps({"windows": args.windows, "rss_growth_mib": (peak - base) / 1024, "gpu_peak_mib": gpu}))
+    print(json.dumps({"windows": args.windows, "rss_growth_mib": rss.growth_mib, "gpu_peak_mib": gpu}))
 
 
 def bench_memory(args):
     rows = []
     for windows in (1, 3, 7, 13):
-        for batch in (1, 0):
+        for batch in (1, windows):
             cmd = [sys.executable, __file__, "--child", "--windows", str(windows), "--batch", str(batch),
                    "--channels", str(args.channels), "--stride", str(args.stride), "--window", str(args.window),
                    "--device", args.device]
@@ -133,7 +162,7 @@ def bench_memory(args):
             if not line:
                 sys.exit(out.stderr[-2000:])
             row = json.loads(line[-1])
-            row["batch"] = "1" if batch == 1 else "auto"
+            row["batch"] = str(batch)
             rows.append(row)
     return rows
 
@@ -166,7 +195,9 @@ def main():
     print(f"\n(b) {args.window}x{args.canvas_width} canvas, {n} windows of {args.window} px, stride {args.stride}")
     for k, v in b.items():
         print(f"    {k:28s} {v:7.3f} s")
-    print(f"    batched / sequential: {b['batched (auto)'] / b['sequential (batch 1)']:.2f}x time")
+    batched = [v for k, v in b.items() if k.startswith("batched")][0]
+    print(f"    batched / sequential: {batched / b['sequential (batch 1)']:.2f}x time "
+          f"(window_batch_size 0 picks 1 on the CPU, as many as memory allows on a GPU)")
     print("\n(c) peak memory growth of one 2-step run (fresh process each)")
     for row in bench_memory(args):
         gpu = f", GPU peak {row['gpu_peak_mib']:.0f} MiB" if row["gpu_peak_mib"] is not None else ""

@@ -293,11 +293,16 @@ def test_sync_lowers_each_windows_distance_to_the_anchor(s):
     assert sum(a < b for a, b in zip(after, before)) >= 3
 
 
-def test_fast_mode_runs_and_differs_from_exact(s):
+def test_fast_modes_run_and_differ_from_exact(s):
     world = s.inference
     exact = run(s, world, sync_settings(s, world))
     fast = run(s, world, sync_settings(s, world, gradient="skip model Jacobian"))
     assert bool(torch.isfinite(fast).all()) and not torch.equal(fast, exact)
+    with torch.inference_mode():
+        half_settings = s.Sync.execute(world["vae"], 20.0, 0.95, 50, "alex", "exact", "half").args[0]
+    half = run(s, world, half_settings)
+    assert half_settings.loss_downscale == 2
+    assert bool(torch.isfinite(half).all()) and not torch.equal(half, exact) and not torch.equal(half, run(s, world))
 
 
 def test_every_sampler_family_runs_with_sync(s):
