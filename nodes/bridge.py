@@ -135,7 +135,7 @@ def _calc_cond_batch(config, executor, model, conds, x_in, timestep, model_optio
             if deltas is not None:
                 x_w = x_w - torch.cat([deltas[i] for i in batch])
             t_w = timestep if len(batch) == 1 else timestep.repeat(len(batch))
-            conds_w = [None if c is None else run.window_conds(c, batch, x_in) for c in conds]
+            conds_w = [None if c is None else run.window_conds(c, batch, x_in, positive=ci == 0) for ci, c in enumerate(conds)]
             outs = executor(model, conds_w, x_w, t_w, model_options, *args, **kwargs)
             for ci, out in enumerate(outs):
                 if mergers[ci] is None:
@@ -200,15 +200,15 @@ class _Run:
         size = max(1, size)
         return [tuple(ids[s:s + size]) for ids in by_size.values() for s in range(0, len(ids), size)]
 
-    def window_conds(self, cond_list, batch, x_in):
+    def window_conds(self, cond_list, batch, x_in, positive=False):
         out = []
         for d in cond_list:
-            w = self._window_cond(d, batch, x_in)
+            w = self._window_cond(d, batch, x_in, positive)
             if w is not None:
                 out.append(w)
         return out
 
-    def _window_cond(self, d, batch, x_in):
+    def _window_cond(self, d, batch, x_in, positive=False):
         if "gligen" in d:
             raise ValueError("positive/negative: GLIGEN box conditioning is placed on the whole canvas and "
                              "cannot be split into ControlSync windows; remove the GLIGEN node.")
@@ -224,6 +224,8 @@ class _Run:
             w["mask"] = stack_regions(self._canvas_sized(d["mask"], "mask"), regions, B)
         if d.get("model_conds"):
             w["model_conds"] = {k: self._window_model_cond(v, regions, B) for k, v in d["model_conds"].items()}
+            if positive and self.plan.prompts and "area" not in d and d.get("mask") is None:
+                w["model_conds"]["c_crossattn"] = self._region_prompt(d["model_conds"].get("c_crossattn"), batch, B)
         if d.get("control") is not None:
             w["control"] = self._control_chain(d["control"], batch, B)
         return w
@@ -238,6 +240,18 @@ class _Run:
         if isinstance(c, comfy.conds.CONDNoiseShape) and tuple(c.cond.shape[-2:]) == self.plan.canvas:
             return c._copy_with(stack_regions(c.cond, regions, B))
         return c
+
+    def _region_prompt(self, original, batch, B):
+        """The regions' own text embeddings in place of the positive prompt's, stacked like the latents."""
+        if original is None:
+            raise ValueError("plan: per-factor prompts need a model that takes text embeddings (c_crossattn)")
+        device, dtype = original.cond.device, original.cond.dtype
+        parts = [original._copy_with(self.plan.prompts[i].to(device, dtype)) for i in batch]
+        if len(parts) == 1:
+            return parts[0]
+        # CONDCrossAttn.concat pads differing token counts the way ComfyUI batches prompts
+        stacked = [original._copy_with(comfy.utils.repeat_to_batch_size(p.cond, B)) for p in parts]
+        return original._copy_with(stacked[0].concat(stacked[1:]))
 
     def _control_chain(self, control, batch, B):
         """One chain of ControlBase copies per batch of windows, shared by positive and negative
@@ -315,7 +329,8 @@ class _Run:
             loss_net = load_lpips(sync.loss_net, vae.device, loss_dtype)
 
             def denoise(i, x):
-                conds_w = [None if c is None else self.window_conds(c, (i,), x_in) for c in conds]
+                conds_w = [None if c is None else self.window_conds(c, (i,), x_in, positive=ci == 0)
+                           for ci, c in enumerate(conds)]
                 outs = executor(model, conds_w, x, timestep, grad_options)
                 return comfy.samplers.cfg_function(model, outs[0], outs[1], self.cfg, x, timestep,
                                                    model_options=grad_options, cond=conds_w[0], uncond=conds_w[1])

@@ -3,9 +3,20 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+import math
+from dataclasses import replace
+
 from ..sampling import PlanError
+from ..sampling.conditioning import VARIABLE_PROMPTS, along_chain
 from ..sampling.factor_graphs import GRAPHS, FactorGraphPlan
 from .window_planner import LATENT_CELL_PX, WindowPlanType, canvas_size, empty_latent, preview
+
+
+PROMPT_MODES = ("one for all", "per factor", "interpolate")
+
+
+def encode(clip, text):
+    return clip.encode_from_tokens(clip.tokenize(text))
 
 
 class FactorGraphCollage(io.ComfyNode):
@@ -41,6 +52,17 @@ class FactorGraphCollage(io.ComfyNode):
                                tooltip="Chains only: left to right, or top to bottom."),
                 io.Int.Input("anchor_index", default=0, min=0, max=100000,
                              tooltip="The factor AnchorSync synchronises the others to (from 0)."),
+                io.Combo.Input("prompt_mode", options=list(PROMPT_MODES), default="one for all",
+                               tooltip="one for all: every factor uses the sampler's positive prompt. per factor: one "
+                                       "line of 'prompts' per factor, in order. interpolate: factors move from the first "
+                                       "line to the last by spherical interpolation (slerp) of the text embeddings."),
+                io.String.Input("prompts", multiline=True, default="", optional=True,
+                                tooltip="One prompt per line (needs the clip input). ControlNets, masks and the negative "
+                                        "prompt still come from the sampler's conditioning."),
+                io.Combo.Input("variable_prompts", options=list(VARIABLE_PROMPTS), default="mean", optional=True,
+                               tooltip="What the overlaps are denoised with: the mean of their factors' prompt "
+                                       "embeddings, or the empty (null) prompt."),
+                io.Clip.Input("clip", optional=True, tooltip="The text encoder for 'prompts'."),
                 io.Image.Input("image", optional=True,
                                tooltip="The condition image: canvas size (rounded to 8 px) unless a latent is connected, "
                                        "and the preview background."),
@@ -55,11 +77,34 @@ class FactorGraphCollage(io.ComfyNode):
 
     @classmethod
     def execute(cls, graph, width, height, window_width, window_height, overlap, direction, anchor_index,
-                image=None, latent=None) -> io.NodeOutput:
+                prompt_mode="one for all", prompts="", variable_prompts="mean", clip=None, image=None,
+                latent=None) -> io.NodeOutput:
         height, width = canvas_size(width, height, image, latent)
+        latent_hw = (height // LATENT_CELL_PX, width // LATENT_CELL_PX)
         try:
-            plan = FactorGraphPlan(graph, (height, width), (window_height, window_width), overlap, direction, anchor_index)
-            layout = plan.layout((height // LATENT_CELL_PX, width // LATENT_CELL_PX), LATENT_CELL_PX)
+            plan = FactorGraphPlan(graph, (height, width), (window_height, window_width), overlap, direction,
+                                   anchor_index, variable_prompt=variable_prompts)
+            if prompt_mode != "one for all":
+                plan = replace(plan, **factor_prompts(plan, latent_hw, prompt_mode, prompts, variable_prompts, clip))
+            layout = plan.layout(latent_hw, LATENT_CELL_PX)
         except PlanError as e:
             raise ValueError(f"FactorGraphCollage: {e}") from None
         return io.NodeOutput(plan, preview(layout, image), latent or empty_latent(height, width))
+
+
+def factor_prompts(plan, latent_hw, mode, prompts, variable_prompts, clip) -> dict:
+    lines = [line.strip() for line in (prompts or "").splitlines() if line.strip()]
+    count = plan.factor_count(latent_hw, LATENT_CELL_PX)
+    if clip is None:
+        raise ValueError(f"clip: prompt_mode '{mode}' encodes the prompts itself: connect the CLIP of your checkpoint")
+    if mode == "per factor" and len(lines) != count:
+        raise ValueError(f"prompts: prompt_mode 'per factor' needs one line per factor: the graph has {count} factors "
+                         f"but prompts has {len(lines)} non-empty lines")
+    if mode == "interpolate" and len(lines) < 2:
+        raise ValueError(f"prompts: prompt_mode 'interpolate' needs at least two lines (first and last scene), got {len(lines)}")
+    embeddings = [encode(clip, line) for line in lines]
+    if mode == "interpolate":
+        length = math.lcm(*(e.shape[1] for e in embeddings))  # token counts: multiples of 77
+        embeddings = along_chain([e.repeat(1, length // e.shape[1], 1) for e in embeddings], count)
+    null = encode(clip, "") if variable_prompts == "null" else None
+    return {"factor_prompts": tuple(embeddings), "null_prompt": null}

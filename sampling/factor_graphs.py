@@ -8,8 +8,9 @@ cycles this is exactly DiffCollage's rule, and on every canvas cell the coeffici
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from .conditioning import VARIABLE_PROMPTS, region_prompts
 from .plans import PlanError, RegionPlan, _cells, rect_region, window_starts
 
 GRAPHS = ("chain", "cycle", "grid")
@@ -70,12 +71,13 @@ def factor_region_plan(canvas: tuple[int, int], factors: list[Box], wrap_x: bool
         counting[r] = 1 - sum(counting[s] for s in above)
     factor_keys = [cellset(b) for b in factors]
     kept = factor_keys + [r for r in order if r not in factor_keys and counting[r] != 0]
-    regions, coefficients = [], []
+    regions, coefficients, factors_of = [], [], []
     for key in kept:
         box = sets[key]
         regions.append(rect_region(box.ys.start, box.xs.start, box.ys.length, box.xs.length, canvas if wrap_x else None))
         coefficients.append(float(counting[key]))
-    return RegionPlan(canvas, tuple(regions), tuple(coefficients), 0, anchor)
+        factors_of.append(tuple(i for i, f in enumerate(factor_keys) if key[0] <= f[0] and key[1] <= f[1]))
+    return RegionPlan(canvas, tuple(regions), tuple(coefficients), 0, anchor, tuple(factors_of))
 
 
 def chain_factors(canvas: tuple[int, int], window: tuple[int, int], overlap: int, axis: int) -> list[Box]:
@@ -118,6 +120,9 @@ class FactorGraphPlan:
     overlap_px: int
     direction: str = "horizontal"   # chains: horizontal or vertical
     anchor: int = 0
+    factor_prompts: tuple = ()      # one text embedding per factor (empty: the sampler's positive prompt)
+    variable_prompt: str = "mean"   # overlaps: mean of their factors' embeddings, or the null prompt
+    null_prompt: object = None      # the empty prompt's embedding, for variable_prompt "null"
 
     def __post_init__(self):
         if self.graph not in GRAPHS:
@@ -136,6 +141,8 @@ class FactorGraphPlan:
             along = min(self.window_px)
         else:
             along = self.window_px[0] if (self.graph == "chain" and self.direction == "vertical") else self.window_px[1]
+        if self.variable_prompt not in VARIABLE_PROMPTS:
+            raise PlanError(f"variable prompts must be one of {VARIABLE_PROMPTS}, got {self.variable_prompt!r}")
         if self.overlap_px >= along:
             raise PlanError(f"overlap = {self.overlap_px} px must be smaller than the window ({self.window_px[1]}x"
                             f"{self.window_px[0]} px)")
@@ -156,4 +163,14 @@ class FactorGraphPlan:
             boxes = grid_factors((H, W), window, overlap)
         if self.anchor >= len(boxes):
             raise PlanError(f"anchor {self.anchor} is past the last factor ({len(boxes)} factors)")
-        return factor_region_plan((H, W), boxes, wrap_x=self.graph == "cycle", anchor=self.anchor)
+        plan = factor_region_plan((H, W), boxes, wrap_x=self.graph == "cycle", anchor=self.anchor)
+        if not self.factor_prompts:
+            return plan
+        if len(self.factor_prompts) != len(boxes):
+            raise PlanError(f"prompts: {len(self.factor_prompts)} prompts for {len(boxes)} factors - give one per factor")
+        return replace(plan, prompts=region_prompts(list(self.factor_prompts), plan.factors_of, self.variable_prompt,
+                                                    self.null_prompt))
+
+    def factor_count(self, latent_hw: tuple[int, int], factor: int = 8) -> int:
+        plan = replace(self, factor_prompts=()).layout(latent_hw, factor)
+        return sum(1 for i, f in enumerate(plan.factors_of) if f == (i,))

@@ -112,3 +112,64 @@ def test_bad_graph_inputs_name_the_input(c):
         c.Collage.execute("cycle", 264, 64, 64, 64, 32, "horizontal", 0)
     with pytest.raises(ValueError, match="anchor 9 is past the last factor"):
         c.Collage.execute("chain", 256, 64, 64, 64, 32, "horizontal", 9)
+
+
+class PromptRecorder:
+    """Below our wrapper: the positive text embedding each region's model call gets."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, executor, model, conds, x, timestep, *args, **kwargs):
+        self.calls.append((tuple(x.shape[-2:]), conds[0][0]["model_conds"]["c_crossattn"].cond.clone()))
+        return executor(model, conds, x, timestep, *args, **kwargs)
+
+
+@pytest.mark.parametrize("variables", ["mean", "null"])
+def test_per_factor_prompts_reach_their_factors(c, variables):
+    import comfy.patcher_extension
+    from controlsync.sampling.factor_graphs import FactorGraphPlan as PackPlan
+    g = torch.Generator().manual_seed(3)
+    prompts = tuple(torch.randn(1, 77, c.tm.CONTEXT_DIM, generator=g) for _ in range(3))
+    null = torch.zeros(1, 77, c.tm.CONTEXT_DIM)
+    image = c.image[:, :, :128]
+    plan = PackPlan("chain", (64, 128), (64, 64), 32, factor_prompts=prompts, variable_prompt=variables, null_prompt=null)
+    layout = plan.layout((8, 16), 8)
+    recorder = PromptRecorder()
+    model = c.Windowed.execute(c.model, plan, 1).args[0]
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, "test.prompts", recorder)
+    pos, neg = conds(c, image)
+    with torch.inference_mode():
+        out = c.nodes.common_ksampler(model, 7, 1, 7.5, "euler", "normal", pos, neg,
+                                      {"samples": torch.zeros(1, 4, 8, 16)})[0]["samples"]
+    assert bool(torch.isfinite(out).all())
+    assert len(recorder.calls) == len(layout.regions) == 5  # 3 factors, 2 overlaps
+    for (shape, got), region, sources in zip(recorder.calls, layout.regions, layout.factors_of):
+        assert shape == region.size
+        expected = prompts[sources[0]] if len(sources) == 1 else (
+            null if variables == "null" else (prompts[sources[0]] + prompts[sources[1]]) / 2)
+        assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_prompt_modes_encode_with_a_real_clip(c):
+    """The node's own encoding, with the full-size CLIP-L of the end-to-end checkpoint."""
+    import comfy.sd
+    import e2e_assets
+    from comfy_host import find_host
+    assets = e2e_assets.ensure_assets(find_host())
+    with torch.inference_mode():
+        _, clip, _ = comfy.sd.load_checkpoint_guess_config(str(assets.checkpoint), output_vae=False, output_clip=True)[:3]
+        lines = "a city at dawn\na forest\na desert at dusk"
+        plan = c.Collage.execute("chain", 256, 64, 128, 64, 64, "horizontal", 0, "per factor", lines, "null", clip).args[0]
+        for line, emb in zip(lines.splitlines(), plan.factor_prompts):
+            assert torch.equal(emb, clip.encode_from_tokens(clip.tokenize(line)))
+        assert torch.equal(plan.null_prompt, clip.encode_from_tokens(clip.tokenize("")))
+        interp = c.Collage.execute("chain", 256, 64, 128, 64, 64, "horizontal", 0, "interpolate",
+                                   "a city at dawn\na desert at dusk", "mean", clip).args[0]
+        assert torch.equal(interp.factor_prompts[0], plan.factor_prompts[0])
+        assert torch.equal(interp.factor_prompts[-1], plan.factor_prompts[-1])
+        assert not torch.equal(interp.factor_prompts[1], plan.factor_prompts[1])
+        with pytest.raises(ValueError, match="prompts: prompt_mode 'per factor' needs one line per factor: the graph has 3"):
+            c.Collage.execute("chain", 256, 64, 128, 64, 64, "horizontal", 0, "per factor", "one\ntwo", "mean", clip)
+        with pytest.raises(ValueError, match="clip: prompt_mode 'per factor'"):
+            c.Collage.execute("chain", 256, 64, 128, 64, 64, "horizontal", 0, "per factor", lines, "mean", None)

@@ -161,3 +161,28 @@ def test_sampling_with_the_factor_graph_reproduces_the_chains_covariance():
     assert exact["DiffCollage"] < 0.04 and exact["averaging"] > 3 * exact["DiffCollage"]
     assert sampled["DiffCollage"] < exact["DiffCollage"] + 2 * floor
     assert sampled["averaging"] > 1.5 * sampled["DiffCollage"]
+
+
+def test_slerp_endpoints_and_path():
+    from controlsync_sampling.conditioning import along_chain, slerp
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(1, 77, 64, generator=g) for _ in range(3))
+    assert torch.equal(slerp(a, b, 0.0), a) and torch.equal(slerp(a, b, 1.0), b)
+    a_unit, b_unit = a / a.norm(dim=-1, keepdim=True), b / b.norm(dim=-1, keepdim=True)
+    mid = slerp(a_unit, b_unit, 0.5)
+    a, b = a_unit, b_unit
+    # on the great circle: the angle to each end is half the angle between the ends
+    def angle(u, v):
+        return torch.arccos((u * v).sum(-1) / (u.norm(dim=-1) * v.norm(dim=-1)))
+    assert torch.allclose(angle(a, mid), angle(a, b) / 2, atol=1e-4) and torch.allclose(angle(mid, b), angle(a, b) / 2, atol=1e-4)
+    assert torch.allclose(mid.norm(dim=-1), torch.ones(1, 77), atol=1e-5)
+    path = along_chain([a, b, c], 5)
+    assert torch.equal(path[0], a) and torch.equal(path[2], b) and torch.equal(path[4], c)
+
+
+def test_prompt_count_must_match_the_factors():
+    g = torch.Generator().manual_seed(0)
+    prompts = tuple(torch.randn(1, 77, 64, generator=g) for _ in range(3))
+    plan = FactorGraphPlan("chain", (512, 2048), (512, 512), 256, factor_prompts=prompts)
+    with pytest.raises(S.PlanError, match="3 prompts for 7 factors"):
+        plan.layout((64, 256), 8)
