@@ -2,7 +2,8 @@
 from .anchor_sync import AnchorSync
 from .controlsync_sampler import ControlSyncSampler
 from .factor_graph_collage import FactorGraphCollage
+from .loop_decode import LoopDecode
 from .window_planner import WindowPlanner
 from .windowed_model import ControlSyncWindowedModel
 
-NODES = [WindowPlanner, ControlSyncSampler, AnchorSync, FactorGraphCollage, ControlSyncWindowedModel]
+NODES = [WindowPlanner, ControlSyncSampler, AnchorSync, FactorGraphCollage, LoopDecode, ControlSyncWindowedModel]

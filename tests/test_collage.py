@@ -173,3 +173,27 @@ def test_prompt_modes_encode_with_a_real_clip(c):
             c.Collage.execute("chain", 256, 64, 128, 64, 64, "horizontal", 0, "per factor", "one\ntwo", "mean", clip)
         with pytest.raises(ValueError, match="clip: prompt_mode 'per factor'"):
             c.Collage.execute("chain", 256, 64, 128, 64, 64, "horizontal", 0, "per factor", lines, "mean", None)
+
+
+def seam_ratio(image):
+    """Mean |difference| across the wrap (last column next to the first) over the mean across interior columns."""
+    columns = image[0].movedim(-1, 0)  # (3, H, W)
+    interior = (columns[..., 1:] - columns[..., :-1]).abs().mean()
+    wrap = (columns[..., 0] - columns[..., -1]).abs().mean()
+    return float(wrap / interior)
+
+
+def test_loop_decode_keeps_the_wrap_as_smooth_as_the_interior(c):
+    from controlsync.nodes.loop_decode import LoopDecode
+    with torch.inference_mode():
+        vae = c.tm.tiny_vae()
+        plan = collage(c, "cycle", c.image)
+        latent = {"samples": sample(c, plan, c.image, steps=4)}
+        looped = LoopDecode.execute(latent, vae, 8).args[0]
+        plain = vae.decode(latent["samples"])
+    assert looped.shape == plain.shape == (1, 64, 256, 3)
+    ratios = (seam_ratio(looped), seam_ratio(plain))
+    print(f"[collage] seam score (wrap / interior column difference): loop decode {ratios[0]:.2f}, plain decode {ratios[1]:.2f}")
+    assert ratios[0] < 1.5 and ratios[0] < ratios[1]
+    with pytest.raises(ValueError, match="wrap_cells: 99 is wider than the latent"):
+        LoopDecode.execute(latent, vae, 99)

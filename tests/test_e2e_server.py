@@ -37,7 +37,8 @@ SYNC_WORKFLOW = PACK_DIR / "workflows" / "controlsync_anchorsync.json"
 LPIPS_DIR = Path(__file__).resolve().parent / ".cache" / "lpips"  # shared with test_sync.py
 LPIPS_FILES = ("vgg16-397923af.pth", "alexnet-owt-7be5be79.pth")
 RUNNER = PACK_DIR / "workflows" / "run_workflow.py"
-PACK_NODES = ("WindowPlanner", "ControlSyncSampler", "ControlSyncWindowedModel", "AnchorSync")
+PACK_NODES = ("WindowPlanner", "ControlSyncSampler", "ControlSyncWindowedModel", "AnchorSync", "FactorGraphCollage",
+              "ControlSyncLoopDecode")
 CANVAS_W, CANVAS_H = 384, 128  # the small condition image's size: the planner takes the canvas from it
 SMALL_RUN = ["--set", "Window Planner (ControlSync).window_width=128",   # by display name
              "--set", "WindowPlanner.window_height=128",                 # by type
@@ -271,7 +272,8 @@ def test_anchorsync_workflow_converts(server, capsys):
     by_type = {v: k for k, v in types.items()}
     sync_id = by_type["AnchorSync"]
     assert prompt[sync_id]["inputs"] == {"vae": [by_type["CheckpointLoaderSimple"], 2], "weight": 20.0, "decay": 0.95,
-                                         "sync_steps": 10, "lpips_net": "vgg", "gradient": "exact"}
+                                         "sync_steps": 10, "lpips_net": "vgg", "gradient": "exact",
+                                         "loss_resolution": "full"}
     assert prompt[by_type["SaveImage"]]["inputs"]["filename_prefix"] == "ControlSync_sync"
     sampler = prompt[by_type["ControlSyncSampler"]]["inputs"]
     assert sampler.pop("sync") == [sync_id, 0]
