@@ -1,15 +1,14 @@
 """FactorGraphCollage: DiffCollage factor graphs (chains, seamless loops, grids) for ControlSync Sampler."""
 from __future__ import annotations
 
-from comfy_api.latest import io
-
 import math
 from dataclasses import replace
 
-from ..sampling import PlanError
+from comfy_api.latest import io
+
 from ..sampling.conditioning import VARIABLE_PROMPTS, along_chain
 from ..sampling.factor_graphs import GRAPHS, FactorGraphPlan
-from .window_planner import LATENT_CELL_PX, WindowPlanType, canvas_size, empty_latent, preview
+from .window_planner import LATENT_CELL_PX, canvas_inputs, canvas_size, plan_output, plan_outputs
 
 
 PROMPT_MODES = ("one for all", "per factor", "interpolate")
@@ -63,16 +62,9 @@ class FactorGraphCollage(io.ComfyNode):
                                tooltip="What the overlaps are denoised with: the mean of their factors' prompt "
                                        "embeddings, or the empty (null) prompt."),
                 io.Clip.Input("clip", optional=True, tooltip="The text encoder for 'prompts'."),
-                io.Image.Input("image", optional=True,
-                               tooltip="The condition image: canvas size (rounded to 8 px) unless a latent is connected, "
-                                       "and the preview background."),
-                io.Latent.Input("latent", optional=True, tooltip="A latent to sample: the canvas takes its size."),
+                *canvas_inputs(),
             ],
-            outputs=[
-                WindowPlanType.Output(display_name="plan", tooltip="Connect to ControlSync Sampler's plan input."),
-                io.Image.Output(display_name="preview", tooltip="The factors over the canvas; the anchor is tinted pink."),
-                io.Latent.Output(display_name="latent", tooltip="The connected latent, or an empty latent of the canvas size."),
-            ],
+            outputs=plan_outputs("factors"),
         )
 
     @classmethod
@@ -80,16 +72,15 @@ class FactorGraphCollage(io.ComfyNode):
                 prompt_mode="one for all", prompts="", variable_prompts="mean", clip=None, image=None,
                 latent=None) -> io.NodeOutput:
         height, width = canvas_size(width, height, image, latent)
-        latent_hw = (height // LATENT_CELL_PX, width // LATENT_CELL_PX)
-        try:
+
+        def make_plan():
             plan = FactorGraphPlan(graph, (height, width), (window_height, window_width), overlap, direction,
                                    anchor_index, variable_prompt=variable_prompts)
-            if prompt_mode != "one for all":
-                plan = replace(plan, **factor_prompts(plan, latent_hw, prompt_mode, prompts, variable_prompts, clip))
-            layout = plan.layout(latent_hw, LATENT_CELL_PX)
-        except PlanError as e:
-            raise ValueError(f"FactorGraphCollage: {e}") from None
-        return io.NodeOutput(plan, preview(layout, image), latent or empty_latent(height, width))
+            if prompt_mode == "one for all":
+                return plan
+            latent_hw = (height // LATENT_CELL_PX, width // LATENT_CELL_PX)
+            return replace(plan, **factor_prompts(plan, latent_hw, prompt_mode, prompts, variable_prompts, clip))
+        return plan_output("FactorGraphCollage", make_plan, image, latent)
 
 
 def factor_prompts(plan, latent_hw, mode, prompts, variable_prompts, clip) -> dict:

@@ -46,29 +46,43 @@ class WindowPlanner(io.ComfyNode):
                 io.Combo.Input("blend", options=["uniform", "feather"], default="uniform",
                                tooltip="How overlapping windows are averaged: uniform (MultiDiffusion) or feather "
                                        "(weights ramp down over the overlap toward each window's edge)."),
-                io.Image.Input("image", optional=True,
-                               tooltip="The condition image (canny, depth, ...): the canvas takes its size (rounded to "
-                                       "8 px) unless a latent is connected, and the preview draws over it."),
-                io.Latent.Input("latent", optional=True,
-                                tooltip="A latent to sample: the canvas takes its size (8 px per latent cell)."),
+                *canvas_inputs(),
             ],
-            outputs=[
-                WindowPlanType.Output(display_name="plan", tooltip="Connect to ControlSync Sampler (or Windowed Model)."),
-                io.Image.Output(display_name="preview", tooltip="The windows over the canvas; the anchor is tinted pink."),
-                io.Latent.Output(display_name="latent", tooltip="The connected latent, or an empty latent of the canvas size."),
-            ],
+            outputs=plan_outputs("windows"),
         )
 
     @classmethod
     def execute(cls, width, height, window_width, window_height, stride, anchor, anchor_index, blend,
                 image=None, latent=None) -> io.NodeOutput:
         height, width = canvas_size(width, height, image, latent)
-        try:
-            plan = WindowPlan((height, width), (window_height, window_width), (stride, stride), anchor, anchor_index, blend)
-            layout = plan.layout((height // LATENT_CELL_PX, width // LATENT_CELL_PX), LATENT_CELL_PX)
-        except PlanError as e:
-            raise ValueError(f"WindowPlanner: {e}") from None
-        return io.NodeOutput(plan, preview(layout, image), latent or empty_latent(height, width))
+        return plan_output("WindowPlanner", lambda: WindowPlan((height, width), (window_height, window_width),
+                                                               (stride, stride), anchor, anchor_index, blend),
+                           image, latent)
+
+
+def canvas_inputs():
+    """The optional sockets a planner takes its canvas size (and preview background) from."""
+    return [io.Image.Input("image", optional=True,
+                           tooltip="The condition image (canny, depth, ...): the canvas takes its size (rounded to "
+                                   "8 px) unless a latent is connected, and the preview draws over it."),
+            io.Latent.Input("latent", optional=True,
+                            tooltip="A latent to sample: the canvas takes its size (8 px per latent cell).")]
+
+
+def plan_outputs(regions: str):
+    return [WindowPlanType.Output(display_name="plan", tooltip="Connect to ControlSync Sampler (or Windowed Model)."),
+            io.Image.Output(display_name="preview", tooltip=f"The {regions} over the canvas; the anchor is tinted pink."),
+            io.Latent.Output(display_name="latent", tooltip="The connected latent, or an empty latent of the canvas size.")]
+
+
+def plan_output(node: str, make_plan, image=None, latent=None) -> io.NodeOutput:
+    """The plan (checked by laying it out at 8 px per cell), its preview and the canvas latent."""
+    try:
+        plan = make_plan()
+        layout = plan.layout(tuple(v // LATENT_CELL_PX for v in plan.canvas_px), LATENT_CELL_PX)
+    except PlanError as e:
+        raise ValueError(f"{node}: {e}") from None
+    return io.NodeOutput(plan, preview(layout, image), latent or empty_latent(*plan.canvas_px))
 
 
 def canvas_size(width, height, image=None, latent=None) -> tuple[int, int]:
