@@ -197,3 +197,16 @@ def test_loop_decode_keeps_the_wrap_as_smooth_as_the_interior(c):
     assert ratios[0] < 1.5 and ratios[0] < ratios[1]
     with pytest.raises(ValueError, match="wrap_cells: 99 is wider than the latent"):
         LoopDecode.execute(latent, vae, 99)
+
+
+def test_replacement_outpainting_keeps_the_known_cells(c):
+    """Outpainting on a collage: ComfyUI's noise mask replaces the x0-prediction (and x_t) by the known latent
+    every step - DiffCollage's Replacement - inside every factor and overlap."""
+    g = torch.Generator().manual_seed(5)
+    known = torch.randn(1, 4, 8, 32, generator=g)
+    mask = torch.ones(1, 64, 256)
+    mask[:, :, 96:160] = 0.0  # a photo in the middle, to be extended left and right
+    latent = {"samples": known, "noise_mask": mask}
+    out = sample(c, collage(c, "chain", c.image), c.image, latent=latent, steps=4)
+    assert torch.allclose(out[..., 12:20], known[..., 12:20], rtol=0, atol=1e-5)
+    assert (out[..., :10] - known[..., :10]).abs().mean() > 0.1
