@@ -176,11 +176,9 @@ def test_prompt_modes_encode_with_a_real_clip(c):
 
 
 def seam_ratio(image):
-    """Mean |difference| across the wrap (last column next to the first) over the mean across interior columns."""
-    columns = image[0].movedim(-1, 0)  # (3, H, W)
-    interior = (columns[..., 1:] - columns[..., :-1]).abs().mean()
-    wrap = (columns[..., 0] - columns[..., -1]).abs().mean()
-    return float(wrap / interior)
+    """The pack's seam score of an IMAGE (1, H, W, 3): 1.0 = the wrap is as smooth as the interior."""
+    from controlsync.sampling.metrics import seam_score
+    return seam_score(image[0].movedim(-1, 0) * 2 - 1)
 
 
 def test_loop_decode_keeps_the_wrap_as_smooth_as_the_interior(c):

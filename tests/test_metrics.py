@@ -1,0 +1,75 @@
+"""Coherence metrics (plain torch) with pluggable perceptual networks."""
+import pytest
+import torch
+
+from comfy_host import load_sampling
+
+load_sampling()
+from controlsync_sampling import metrics as M  # noqa: E402
+
+
+def l1(a, b):
+    return (a - b).abs().mean(dim=(1, 2, 3))
+
+
+def test_crops_follow_the_protocol_and_refuse_small_images():
+    image = torch.zeros(3, 512, 3072)
+    assert len(M.crops(image, 512)) == 6 and len(M.crops(image, 512, 256)) == 11
+    with pytest.raises(ValueError, match="smaller than one crop of 512 px"):
+        M.crops(torch.zeros(3, 256, 1024), 512)
+
+
+def test_intra_lpips_is_zero_for_a_repeated_tile_and_grows_with_drift():
+    g = torch.Generator().manual_seed(0)
+    tile = torch.rand(3, 64, 64, generator=g) * 2 - 1
+    repeated = tile.repeat(1, 1, 6)
+    drifting = torch.cat([tile + 0.1 * k for k in range(6)], dim=-1)
+    assert M.intra_lpips(repeated, l1, 64) == 0.0
+    assert M.intra_lpips(drifting, l1, 64) == pytest.approx(sum(0.1 * abs(i - j) for i in range(6) for j in range(i + 1, 6)) / 15, rel=1e-4)
+
+
+def test_style_loss_sees_texture_statistics():
+    g = torch.Generator().manual_seed(1)
+    smooth = torch.randn(3, 32, 32, generator=g) * 0.1
+    rough = torch.randn(3, 32, 32, generator=g)
+
+    def features(x):
+        return [x, F_avg(x)]
+
+    def F_avg(x):
+        return torch.nn.functional.avg_pool2d(x, 2)
+    same = torch.cat([smooth, smooth.flip(-1)], dim=-1)
+    mixed = torch.cat([smooth, rough], dim=-1)
+    assert M.intra_style_loss(same, features, 32) < 1e-12 < M.intra_style_loss(mixed, features, 32)
+
+
+def test_seam_score_is_one_for_a_periodic_image_and_large_for_a_cut():
+    x = torch.arange(256, dtype=torch.float32)
+    periodic = (1 - (x - 128).abs() / 64).expand(3, 16, 256)  # a triangle wave: every column step equal
+    assert M.seam_score(periodic) == pytest.approx(1.0, rel=1e-4)
+    cut = (x / 256).expand(3, 16, 256)  # a ramp: the wrap jumps back
+    assert M.seam_score(cut) > 10
+    stepped = periodic.clone()
+    stepped[..., 128:] += 1.0
+    assert M.seam_score(stepped, columns=[128]) > 10
+
+
+def test_edge_f1_with_tolerance():
+    cond = torch.zeros(64, 64)
+    cond[:, 30:] = 1.0
+    image = torch.zeros(3, 64, 64)
+    image[:, :, 31:] = 1.0  # the same edge, one pixel off
+    edges = M.sobel_edges(image)
+    assert M.edge_f1(edges, M.sobel_edges(cond), tolerance=2) > 0.9
+    assert M.edge_f1(edges, torch.zeros(64, 64, dtype=torch.bool)) == 0.0
+    far = torch.zeros(3, 64, 64)
+    far[:, :, 5:] = 1.0
+    assert M.edge_f1(M.sobel_edges(far), M.sobel_edges(cond), tolerance=2) < 0.1
+
+
+def test_drift_profile_is_zero_at_the_anchor():
+    g = torch.Generator().manual_seed(2)
+    image = torch.rand(3, 32, 128, generator=g)
+    windows = [(0, x, 32, 32) for x in (0, 32, 64, 96)]
+    profile = M.drift_profile(image, windows, 1, l1)
+    assert profile[1] == 0.0 and all(v > 0 for i, v in enumerate(profile) if i != 1)
