@@ -129,9 +129,14 @@ def test_uncovered_cells_are_refused():
 
 
 def test_sampling_package_does_not_import_comfyui():
+    """In a fresh interpreter: loading every sampling module imports no ComfyUI module."""
+    import subprocess
     import sys
-    names = [n for n in sys.modules if n == "comfy" or n.startswith("comfy.")]
-    if names:
-        pytest.skip("ComfyUI already imported in this session by another test")
-    load_sampling()
-    assert not any(n == "comfy" or n.startswith("comfy.") for n in sys.modules)
+    from pathlib import Path
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from comfy_host import load_sampling; load_sampling(); "
+            "import importlib, pkgutil, controlsync_sampling as p; "
+            "[importlib.import_module('controlsync_sampling.' + m.name) for m in pkgutil.iter_modules(p.__path__)]; "
+            "bad = [n for n in sys.modules if n == 'comfy' or n.startswith(('comfy.', 'comfy_api', 'folder_paths'))]; "
+            "print('comfy modules:', bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

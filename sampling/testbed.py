@@ -1,0 +1,107 @@
+"""An analytic test bed: worlds whose exact denoisers are known, sampled with the pack's own merge and
+sync functions (the model, decoder and perceptual loss are plain callables here).
+
+"Global style" world: a canvas of L cells, x0 = s + d with one style s ~ N(0, tau^2) shared by every
+cell and independent local detail d ~ N(0, delta^2 I). Every window is Gaussian, so its exact denoiser
+is Sigma_w (Sigma_w + sigma^2 I)^-1 x. Truth: the style is the same in every window, so the spread of
+the windows' means across a sample is only the detail's, about delta / sqrt(window).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .merge import gather, merge
+from .plans import RegionPlan
+from .sync import SyncSchedule, fold_update, sync_deltas, window_sync_gradient
+
+
+@dataclass(frozen=True)
+class GlobalStyleWorld:
+    length: int = 48
+    tau: float = 1.0     # style std (shared by all cells)
+    delta: float = 0.3   # local detail std
+
+    def covariance(self, n: int) -> torch.Tensor:
+        return self.tau ** 2 * torch.ones(n, n, dtype=torch.float64) + self.delta ** 2 * torch.eye(n, dtype=torch.float64)
+
+    def denoiser(self, n: int):
+        cov = self.covariance(n)
+        eye = torch.eye(n, dtype=torch.float64)
+
+        def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
+            """x: (..., n) -> E[x0 | x] under N(0, cov)."""
+            return x @ torch.linalg.solve(cov + sigma ** 2 * eye, cov)
+        return denoise
+
+
+def _as_canvas(x: torch.Tensor) -> torch.Tensor:
+    return x[:, None, None, :]  # (N, L) -> (N, 1, 1, L): the pack's (B, C, H, W) layout
+
+
+def schedule(steps: int, sigma_max: float = 40.0, sigma_min: float = 2e-3) -> torch.Tensor:
+    sigmas = torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float64))
+    return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
+
+
+def window_denoiser(world: GlobalStyleWorld, plan: RegionPlan):
+    """Every region's exact denoiser, on the region's cells gathered from the canvas."""
+    exact = world.denoiser(plan.regions[0].size[1])
+
+    def denoise(i: int, x_window: torch.Tensor, sigma: float) -> torch.Tensor:
+        return _as_canvas(exact(x_window[:, 0, 0, :], sigma))
+    return denoise
+
+
+def sample(world: GlobalStyleWorld, plan: RegionPlan, n: int, steps: int = 60, sync: SyncSchedule | None = None,
+           seed: int = 0) -> torch.Tensor:
+    """n canvases sampled with Euler steps where every step merges the windows' exact predictions with
+    the pack's `merge`; with `sync`, each window first takes the pack's sync step, the loss being the
+    squared difference of the window's and the anchor's mean x0 (this world's "style")."""
+    sigmas = schedule(steps)
+    g = torch.Generator().manual_seed(seed)
+    x = _as_canvas(torch.randn(n, world.length, generator=g, dtype=torch.float64) * sigmas[0])
+    denoise = window_denoiser(world, plan)
+
+    def style_loss(image, anchor_image):
+        return ((image.mean(dim=(-1, -2, -3)) - anchor_image.mean(dim=(-1, -2, -3))) ** 2)
+
+    for k in range(steps):
+        sigma, r = float(sigmas[k]), float(sigmas[k + 1] / sigmas[k])
+        windows = [gather(x, region) for region in plan.regions]
+        weight = sync.weight_at(k, steps) if sync is not None else 0.0
+        deltas = None
+        if weight > 0:
+            with torch.no_grad():
+                anchor_image = denoise(plan.anchor, windows[plan.anchor], sigma)
+
+            def gradient(i, xw, sigma=sigma, anchor_image=anchor_image):
+                return window_sync_gradient(xw, lambda v: denoise(i, v, sigma), lambda x0: x0, style_loss, anchor_image)
+            with torch.enable_grad():
+                deltas, _ = sync_deltas(windows, plan.anchor, weight, sigma, gradient)
+            windows = [w - d for w, d in zip(windows, deltas)]
+        predicted = merge(plan, [denoise(i, w, sigma) for i, w in enumerate(windows)])
+        if deltas is not None:
+            predicted = fold_update(predicted, merge(plan, deltas), r)
+        x = x + (sigmas[k + 1] - sigmas[k]) * (x - predicted) / sigmas[k]
+    return x[:, 0, 0, :]
+
+
+def sample_independent(world: GlobalStyleWorld, plan: RegionPlan, n: int, seed: int = 0) -> list[torch.Tensor]:
+    """Every window sampled on its own from its exact marginal (no interaction at all)."""
+    g = torch.Generator().manual_seed(seed)
+    w = plan.regions[0].size[1]
+    chol = torch.linalg.cholesky(world.covariance(w))
+    return [torch.randn(n, w, generator=g, dtype=torch.float64) @ chol.T for _ in plan.regions]
+
+
+def style_spread(windows: list[torch.Tensor]) -> float:
+    """Mean over samples of the std across windows of each window's mean: 0 when every window has one style."""
+    means = torch.stack([w.mean(-1) for w in windows], dim=-1)  # (n, windows)
+    return float(means.std(dim=-1).mean())
+
+
+def window_values(canvas: torch.Tensor, plan: RegionPlan) -> list[torch.Tensor]:
+    return [gather(_as_canvas(canvas), r)[:, 0, 0, :] for r in plan.regions]
