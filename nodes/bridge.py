@@ -14,7 +14,6 @@ import contextvars
 import functools
 import logging
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +27,7 @@ import comfy.utils
 import folder_paths
 
 from ..sampling import Merger, PlanError, gather
+from ..sampling.perceptual import build_lpips, find_backbone, hub_checkpoints
 from ..sampling.sync import SyncSchedule, fold_update, lpips_input, step_index, sync_deltas, window_sync_gradient
 
 WRAPPER_KEY = "controlsync.windows"
@@ -410,38 +410,22 @@ def autograd_through(modules):
                 store[name] = t
 
 
-LPIPS_BACKBONES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}
 _lpips_cache: dict = {}
 
 
 def lpips_backbone_path(net: str) -> str:
     """The torchvision ImageNet backbone file LPIPS needs, from ComfyUI's models/lpips or torch's hub cache."""
-    name = LPIPS_BACKBONES[net]
     folders = list(folder_paths.get_folder_paths("lpips")) if "lpips" in folder_paths.folder_names_and_paths else []
-    folders.append(os.path.join(torch.hub.get_dir(), "checkpoints"))
-    for folder in folders:
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            return path
-    raise FileNotFoundError(
-        f"sync: LPIPS-{net} needs torchvision's ImageNet backbone file '{name}', found in none of: "
-        + ", ".join(folders) + f". Put '{name}' into ComfyUI/models/lpips/ (ControlSync never downloads at "
-        "sampling time). The LPIPS heads come with the lpips package.")
+    try:
+        return find_backbone(net, folders + [hub_checkpoints()])
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"sync: {e}") from None
 
 
 def load_lpips(net: str, device, dtype=torch.float32):
     key = (net, str(device), dtype)
     if key not in _lpips_cache:
-        import lpips
-        path = lpips_backbone_path(net)
-        with torch.inference_mode(False):
-            model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            for block in model.net.children():
-                for index, layer in block.named_children():
-                    for pname, param in layer.named_parameters():
-                        param.data.copy_(state[f"features.{index}.{pname}"])
-            _lpips_cache[key] = model.eval().requires_grad_(False).to(device, dtype)
+        _lpips_cache[key] = build_lpips(net, lpips_backbone_path(net)).to(device, dtype)
     return _lpips_cache[key]
 
 

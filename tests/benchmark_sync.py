@@ -31,13 +31,14 @@ def child(args):
     from comfy_host import find_host, import_host
     import_host(find_host(), cpu=args.device == "cpu")
     import folder_paths
+    import lpips_weights
     import nodes
     import tiny_models as tm
     from controlsync.nodes import bridge
     from controlsync.nodes.anchor_sync import AnchorSync
     from controlsync.nodes.controlsync_sampler import ControlSyncSampler
     from controlsync.nodes.window_planner import WindowPlanner
-    tm.write_lpips_backbones(LPIPS_DIR)
+    lpips_weights.write_lpips_backbones(LPIPS_DIR)
     folder_paths.add_model_folder_path("lpips", str(LPIPS_DIR))
     win, stride = args.window, args.window // 2
     width = win + (args.count - 1) * stride

