@@ -1,9 +1,10 @@
 """ControlSync's ComfyUI nodes: one file per node, plus bridge.py, the one module that talks to ComfyUI internals."""
 from .anchor_sync import AnchorSync
+from .coherence_report import CoherenceReport
 from .controlsync_sampler import ControlSyncSampler
 from .factor_graph_collage import FactorGraphCollage
 from .loop_decode import LoopDecode
 from .window_planner import WindowPlanner
 from .windowed_model import ControlSyncWindowedModel
 
-NODES = [WindowPlanner, ControlSyncSampler, AnchorSync, FactorGraphCollage, LoopDecode, ControlSyncWindowedModel]
+NODES = [WindowPlanner, ControlSyncSampler, AnchorSync, FactorGraphCollage, LoopDecode, CoherenceReport, ControlSyncWindowedModel]

@@ -55,9 +55,8 @@ def report(image: torch.Tensor, lpips_model, crop: int, stride: int | None, cond
             row["edge_f1"] = metrics.edge_f1(metrics.sobel_edges(image), metrics.sobel_edges(condition))
         if window:
             from .plans import window_starts
-            H, W = image.shape[-2:]
-            xs = window_starts(W, window, window_stride or window)  # full-height windows along the width
-            row["drift"] = metrics.drift_profile(image, [(0, x, H, window) for x in xs], 0, distance)
+            xs = window_starts(image.shape[-1], window, window_stride or window)  # full-height windows along the width
+            row["drift"] = metrics.drift_profile([image[:, :, x:x + window] for x in xs], 0, distance)
     return row
 
 

@@ -91,8 +91,7 @@ def edge_f1(output_edges: torch.Tensor, condition_edges: torch.Tensor, tolerance
     return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
 
 
-def drift_profile(image: torch.Tensor, windows: list[tuple[int, int, int, int]], anchor: int, lpips) -> list[float]:
-    """Each window's LPIPS to the anchor window, in window order; windows are (y, x, h, w) in px."""
-    parts = [image[:, y:y + h, x:x + w] for y, x, h, w in windows]
-    reference = parts[anchor][None]
-    return [float(lpips(p[None], reference)) for p in parts]
+def drift_profile(windows: list[torch.Tensor], anchor: int, lpips) -> list[float]:
+    """Each window's LPIPS to the anchor window, in window order (windows: (3, h, w) crops of one size)."""
+    reference = windows[anchor][None]
+    return [float(lpips(w[None], reference)) for w in windows]

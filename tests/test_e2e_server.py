@@ -42,7 +42,7 @@ LPIPS_DIR = Path(__file__).resolve().parent / ".cache" / "lpips"  # shared with 
 LPIPS_FILES = ("vgg16-397923af.pth", "alexnet-owt-7be5be79.pth")
 RUNNER = PACK_DIR / "workflows" / "run_workflow.py"
 PACK_NODES = ("WindowPlanner", "ControlSyncSampler", "ControlSyncWindowedModel", "AnchorSync", "FactorGraphCollage",
-              "ControlSyncLoopDecode")
+              "ControlSyncLoopDecode", "ControlSyncCoherenceReport")
 CANVAS_W, CANVAS_H = 384, 128  # the small condition image's size: the planner takes the canvas from it
 SMALL_RUN = ["--set", "Window Planner (ControlSync).window_width=128",   # by display name
              "--set", "WindowPlanner.window_height=128",                 # by type

@@ -8,6 +8,7 @@ step and average the windows.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -413,3 +414,30 @@ def test_bad_inputs(s, caplog, monkeypatch, tmp_path):
         out = run(s, world, sync_settings(s, world), model=base, steps=2)
     assert "non-finite sync loss or gradient" in caplog.text and "[1]" in caplog.text
     assert bool(torch.isfinite(out).all())
+
+
+def test_coherence_report_sees_sync_lower_intra_lpips_and_drift(s):
+    """The pack's own metrics and CoherenceReport node on decoded tiny-model results at a fixed seed."""
+    from controlsync.nodes.coherence_report import CoherenceReport
+    world = s.inference
+    results = {}
+    for name, sync in (("no sync", None), ("sync", sync_settings(s, world, weight=200.0, decay=1.0))):
+        with torch.inference_mode():
+            image = world["vae"].decode(run(s, world, sync, steps=6))
+            chart, report = CoherenceReport.execute(image, 64, "alex", s.plan).args
+        found = re.search(r"intra-LPIPS ([0-9.]+) \| drift mean ([0-9.]+)", report)
+        results[name] = (float(found[1]), float(found[2]))
+        assert chart.shape[0] == 1 and chart.shape[-1] == 3 and report.startswith("image 0:"), report
+    print(f"[sync] tiny models, seed 3: intra-LPIPS / mean drift without sync {results['no sync'][0]:.4f} / "
+          f"{results['no sync'][1]:.4f}, with sync {results['sync'][0]:.4f} / {results['sync'][1]:.4f}")
+    assert results["sync"][0] < results["no sync"][0] and results["sync"][1] < results["no sync"][1]
+
+
+def test_coherence_report_bad_inputs(s):
+    from controlsync.nodes.coherence_report import CoherenceReport
+    with pytest.raises(ValueError, match="crop: the image is 192x64 px, smaller than one crop of 512 px"):
+        CoherenceReport.execute(torch.rand(1, 64, 192, 3), 512, "alex")
+    with pytest.raises(ValueError, match="image: expected RGB images"):
+        CoherenceReport.execute(torch.rand(1, 64, 192, 4), 64, "alex")
+    chart, report = CoherenceReport.execute(torch.rand(2, 64, 192, 3), 64, "alex", None, torch.rand(1, 64, 192, 3)).args
+    assert chart.shape[0] == 2 and report.count("\n") == 1 and "edge F1" in report
