@@ -47,11 +47,12 @@ def schedule(steps: int, sigma_max: float = 40.0, sigma_min: float = 2e-3) -> to
 
 
 def window_denoiser(world: GlobalStyleWorld, plan: RegionPlan):
-    """Every region's exact denoiser, on the region's cells gathered from the canvas."""
-    exact = world.denoiser(plan.regions[0].size[1])
+    """Every region's exact denoiser (windows, factors and their overlaps alike: each is the marginal
+    of its own cells), on the region's cells gathered from the canvas."""
+    exact = {w: world.denoiser(w) for w in {r.size[1] for r in plan.regions}}
 
     def denoise(i: int, x_window: torch.Tensor, sigma: float) -> torch.Tensor:
-        return _as_canvas(exact(x_window[:, 0, 0, :], sigma))
+        return _as_canvas(exact[x_window.shape[-1]](x_window[:, 0, 0, :], sigma))
     return denoise
 
 
