@@ -74,6 +74,7 @@ class CoherenceReport(io.ComfyNode):
         if min(H, W) < crop:
             raise ValueError(f"crop: the image is {W}x{H} px, smaller than one crop of {crop} px; lower crop")
         try:
+            bridge.lpips_backbone_path(lpips_net)  # reported even when a model is cached from an earlier run
             loss = bridge.load_lpips(lpips_net, "cpu")
         except FileNotFoundError as e:
             raise ValueError(f"lpips_net: {e}") from None

@@ -16,9 +16,10 @@ import sys
 import torch
 
 from . import metrics
-from .perceptual import build_lpips, find_backbone, hub_checkpoints
+from .perceptual import VGG19_FILE, build_lpips, build_vgg19_style, find_backbone, find_weights, hub_checkpoints
 
 STYLE_FEATURES = "LPIPS VGG16 backbone relu1_2..relu5_3"
+VGG19_FEATURES = "VGG19 relu1_1..relu5_1 (as in the paper)"
 
 
 def lpips_features(model: torch.nn.Module):
@@ -39,14 +40,23 @@ def load_image(path: str) -> torch.Tensor:
     return torch.from_numpy(rgb).permute(2, 0, 1) * 2 - 1
 
 
+def style_features(lpips_model, folders: list[str]):
+    """(features, label): VGG19 as in the paper when its file is in `folders`, else the LPIPS VGG16 backbone."""
+    try:
+        return build_vgg19_style(find_weights(VGG19_FILE, folders, "the style loss")), VGG19_FEATURES
+    except FileNotFoundError:
+        return lpips_features(lpips_model), STYLE_FEATURES
+
+
 def report(image: torch.Tensor, lpips_model, crop: int, stride: int | None, condition: torch.Tensor | None,
-           window: int | None, window_stride: int | None) -> dict:
+           window: int | None, window_stride: int | None, style=None) -> dict:
     distance = lambda a, b: lpips_model(a, b, normalize=False).flatten()  # noqa: E731
-    row = {"intra_lpips": None, "intra_style": None, "style_features": STYLE_FEATURES}
+    features, label = style or (lpips_features(lpips_model), STYLE_FEATURES)
+    row = {"intra_lpips": None, "intra_style": None, "style_features": label}
     with torch.no_grad():
         if len(metrics.crops(image, crop, stride)) >= 2:
             row["intra_lpips"] = metrics.intra_lpips(image, distance, crop, stride)
-            row["intra_style"] = metrics.intra_style_loss(image, lpips_features(lpips_model), crop, stride)
+            row["intra_style"] = metrics.intra_style_loss(image, features, crop, stride)
         row["seam_score"] = metrics.seam_score(image)
         if condition is not None:
             if condition.shape[-2:] != image.shape[-2:]:
@@ -69,20 +79,23 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=int, default=None, help="window size in px for the drift profile")
     p.add_argument("--window-stride", type=int, default=None)
     p.add_argument("--lpips-net", default="vgg", choices=["vgg", "alex"])
-    p.add_argument("--lpips-dir", action="append", default=[], help="folder with the LPIPS backbone file")
+    p.add_argument("--lpips-dir", action="append", default=[],
+                   help="folder with the LPIPS backbone file (and vgg19-dcbb9e9d.pth for the paper's style loss)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    folders = args.lpips_dir + [hub_checkpoints()]
     try:
-        model = build_lpips(args.lpips_net, find_backbone(args.lpips_net, args.lpips_dir + [hub_checkpoints()]))
+        model = build_lpips(args.lpips_net, find_backbone(args.lpips_net, folders))
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    style = style_features(model, folders)
     condition = load_image(args.condition) if args.condition else None
     rows = []
     for path in args.images:
         try:
             rows.append({"image": path, **report(load_image(path), model, args.crop, args.stride, condition,
-                                                 args.window, args.window_stride)})
+                                                 args.window, args.window_stride, style)})
         except ValueError as e:
             print(f"error: {path}: {e}", file=sys.stderr)
             return 2
@@ -95,7 +108,7 @@ def main(argv=None) -> int:
         drift = " ".join(f"{v:.3f}" for v in r.get("drift", []))
         print(f"{r['image'][-40:]:40s} {fmt(r['intra_lpips']):>11s} {fmt(r['intra_style'], 1e3):>10s} "
               f"{r['seam_score']:6.2f} {fmt(r.get('edge_f1')):>7s}  {drift}")
-    print(f"(style loss over {STYLE_FEATURES})")
+    print(f"(style loss over {style[1]})")
     return 0
 
 

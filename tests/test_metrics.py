@@ -102,6 +102,24 @@ def test_evaluate_command_prints_json_and_refuses_bad_input(tmp_path):
     row = json.loads(proc.stdout)[0]
     assert 0 < row["intra_lpips"] < 1 and row["intra_style"] > 0 and 0 <= row["edge_f1"] <= 1
     assert len(row["drift"]) == 7 and row["drift"][0] == 0.0 and row["seam_score"] > 0
+    assert row["style_features"].startswith("LPIPS VGG16")
+    # with torchvision's VGG19 file beside the LPIPS files, the paper's VGG19 style layers are used
+    vgg19 = tmp_path / "vgg19"
+    vgg19.mkdir()
+    g = torch.Generator().manual_seed(0)
+    state, channels, index = {}, 3, 0
+    for v in [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512]:
+        if v == "M":
+            index += 1
+            continue
+        state[f"features.{index}.weight"] = torch.randn(v, channels, 3, 3, generator=g) * 0.05
+        state[f"features.{index}.bias"] = torch.zeros(v)
+        channels, index = v, index + 2
+    torch.save(state, vgg19 / "vgg19-dcbb9e9d.pth")
+    proc = run(str(wide), "--crop", "64", "--lpips-dir", str(vgg19), "--json")
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(proc.stdout)[0]
+    assert row["style_features"].startswith("VGG19") and row["intra_style"] > 0
     proc = run(str(wide), "--crop", "128")
     assert proc.returncode == 2 and "smaller than one crop of 128 px" in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "sampling.evaluate", str(wide), "--lpips-dir", str(tmp_path)],

@@ -433,7 +433,8 @@ def test_coherence_report_sees_sync_lower_intra_lpips_and_drift(s):
     assert results["sync"][0] < results["no sync"][0] and results["sync"][1] < results["no sync"][1]
 
 
-def test_coherence_report_bad_inputs(s):
+def test_coherence_report_bad_inputs(s, monkeypatch, tmp_path):
+    import folder_paths
     from controlsync.nodes.coherence_report import CoherenceReport
     with pytest.raises(ValueError, match="crop: the image is 192x64 px, smaller than one crop of 512 px"):
         CoherenceReport.execute(torch.rand(1, 64, 192, 3), 512, "alex")
@@ -441,3 +442,7 @@ def test_coherence_report_bad_inputs(s):
         CoherenceReport.execute(torch.rand(1, 64, 192, 4), 64, "alex")
     chart, report = CoherenceReport.execute(torch.rand(2, 64, 192, 3), 64, "alex", None, torch.rand(1, 64, 192, 3)).args
     assert chart.shape[0] == 2 and report.count("\n") == 1 and "edge F1" in report
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "lpips", ([str(tmp_path / "none")], set()))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(ValueError, match="lpips_net: .*'alexnet-owt-7be5be79.pth'.*models/lpips"):
+        CoherenceReport.execute(torch.rand(1, 64, 192, 3), 64, "alex")
