@@ -12,13 +12,13 @@ ANCHOR_COLOR = torch.tensor([1.0, 0.15, 0.6])
 
 def draw_plan(image: torch.Tensor, plan: RegionPlan, cell_px: float, thickness: int = 3) -> torch.Tensor:
     """`image` (H, W, 3) in [0, 1] showing the canvas at `cell_px` pixels per latent cell; returns a
-    copy with every positively weighted region (windows, factors) outlined in its own colour and the
-    anchor region tinted."""
+    copy with every window or factor (not their overlaps) outlined in its own colour and the anchor
+    region tinted."""
     out = image.clone()
     H, W = out.shape[:2]
-    for index, (region, coefficient) in enumerate(zip(plan.regions, plan.coefficients)):
-        if coefficient <= 0:
-            continue
+    for index, region in enumerate(plan.regions):
+        if plan.factors_of and plan.factors_of[index] != (index,):
+            continue  # an overlap of factors
         color = ANCHOR_COLOR if index == plan.anchor else _PALETTE[index % len(_PALETTE)]
         # nudge overlapping outlines apart so neighbouring windows stay distinguishable
         inset = (index % 3) * thickness
