@@ -49,12 +49,17 @@ class AnchorSync(io.ComfyNode):
                                tooltip="full: the loss decodes each window at full size (the paper). half: x0 is "
                                        "average-pooled 2x before decoding - about 4x less decoder and LPIPS time and "
                                        "memory per window, coarser guidance."),
+                io.Combo.Input("loss_decoder", options=["vae", "taesd"], default="vae", optional=True,
+                               tooltip="vae: the loss looks through the full VAE decoder (the paper). taesd: through "
+                                       "ComfyUI's tiny TAESD decoder (models/vae_approx/taesd_decoder.*, the preview "
+                                       "decoder) - much faster and lighter, approximate."),
             ],
             outputs=[SyncType.Output(display_name="sync", tooltip="Connect to ControlSync Sampler's sync input.")],
         )
 
     @classmethod
-    def execute(cls, vae, weight, decay, sync_steps, lpips_net, gradient, loss_resolution="full") -> io.NodeOutput:
+    def execute(cls, vae, weight, decay, sync_steps, lpips_net, gradient, loss_resolution="full",
+                loss_decoder="vae") -> io.NodeOutput:
         if vae is None or getattr(vae, "first_stage_model", None) is None:
             raise ValueError("vae: AnchorSync needs a VAE with a decoder (the checkpoint's VAE); none was given")
         try:
@@ -63,4 +68,4 @@ class AnchorSync(io.ComfyNode):
             raise ValueError(f"lpips_net: {e}") from None
         schedule = SyncSchedule(weight=weight, decay=decay, steps=sync_steps)
         return io.NodeOutput(bridge.SyncSettings(schedule, vae, lpips_net, gradient == "exact",
-                                                 2 if loss_resolution == "half" else 1))
+                                                 2 if loss_resolution == "half" else 1, loss_decoder))

@@ -44,6 +44,7 @@ class SyncSettings:
     loss_net: str = "vgg"    # LPIPS backbone
     through_model: bool = True  # False: skip the denoiser's Jacobian (fast mode)
     loss_downscale: int = 1     # 2: the loss looks at x0 decoded at half size (4x cheaper decoder and LPIPS)
+    loss_decoder: str = "vae"   # "taesd": ComfyUI's tiny differentiable decoder (models/vae_approx) instead
 
 
 @dataclass(frozen=True)
@@ -321,12 +322,17 @@ class _Run:
         # for backward; a copy after the skip connection keeps the saved tensor intact
         patches["input_block_patch_after_skip"] = list(patches.get("input_block_patch_after_skip", [])) + [_copy_after_skip]
         vae = sync.vae
-        comfy.model_management.load_models_gpu(comfy.model_management.loaded_models(only_currently_used=True) + [vae.patcher])
-        modules = [model.diffusion_model, vae.first_stage_model] + _control_modules(conds)
-        with autograd_through(modules):
+        modules = [model.diffusion_model] + _control_modules(conds)
+        if sync.loss_decoder == "taesd":
+            taesd = load_taesd(model.latent_format, x_in.device)
+            device, loss_dtype = x_in.device, torch.float32
+        else:
+            comfy.model_management.load_models_gpu(comfy.model_management.loaded_models(only_currently_used=True) + [vae.patcher])
+            modules.append(vae.first_stage_model)
             # LPIPS in float32 (float64 when the VAE runs in float64: exact gradient checks)
-            loss_dtype = torch.float64 if vae.vae_dtype == torch.float64 else torch.float32
-            loss_net = load_lpips(sync.loss_net, vae.device, loss_dtype)
+            device, loss_dtype = vae.device, (torch.float64 if vae.vae_dtype == torch.float64 else torch.float32)
+        with autograd_through(modules):
+            loss_net = load_lpips(sync.loss_net, device, loss_dtype)
 
             def denoise(i, x):
                 conds_w = [None if c is None else self.window_conds(c, (i,), x_in, positive=ci == 0)
@@ -338,6 +344,8 @@ class _Run:
             def decode(x0):
                 if sync.loss_downscale > 1:
                     x0 = torch.nn.functional.avg_pool2d(x0, sync.loss_downscale)
+                if sync.loss_decoder == "taesd":  # TAESD reads the model-space latent, as in ComfyUI's previews
+                    return taesd.decode(x0.float()).to(loss_dtype)
                 z = model.latent_format.process_out(x0).to(vae.device, vae.vae_dtype)
                 return vae.first_stage_model.decode(z).to(loss_dtype)
 
@@ -427,6 +435,27 @@ def load_lpips(net: str, device, dtype=torch.float32):
     if key not in _lpips_cache:
         _lpips_cache[key] = build_lpips(net, lpips_backbone_path(net)).to(device, dtype)
     return _lpips_cache[key]
+
+
+_taesd_cache: dict = {}
+
+
+def load_taesd(latent_format, device):
+    """ComfyUI's TAESD decoder for this model (the file its TAESD previews use), built for autograd."""
+    import comfy.taesd.taesd
+    name = latent_format.taesd_decoder_name
+    found = next((f for f in folder_paths.get_filename_list("vae_approx") if name and f.startswith(name)), None)
+    if found is None:
+        raise ValueError(f"sync: loss_decoder 'taesd' needs TAESD's decoder for this model in ComfyUI/models/vae_approx/ "
+                         f"({name or 'this model has no TAESD'}.safetensors, the file ComfyUI's TAESD previews use); "
+                         f"or set loss_decoder to 'vae'")
+    path = folder_paths.get_full_path("vae_approx", found)
+    key = (path, str(device))
+    if key not in _taesd_cache:
+        with torch.inference_mode(False):
+            taesd = comfy.taesd.taesd.TAESD(None, path, latent_channels=latent_format.latent_channels)
+            _taesd_cache[key] = taesd.to(device).eval().requires_grad_(False)
+    return _taesd_cache[key]
 
 
 def _resize_like_comfy(image, hw, algorithm):

@@ -3,7 +3,8 @@
     ~/comfy/venv/bin/python tests/benchmark_sync.py [--steps 50] [--sync-steps 10] [--windows 3 7 21]
 
 For each window count: sampling time and peak memory without sync, with exact sync (gradient through
-CFG, ControlNet, UNet, VAE; LPIPS-VGG) and with the fast mode (model Jacobian skipped), sync on the
+CFG, ControlNet, UNet, VAE; LPIPS-VGG), with the fast mode (model Jacobian skipped) and with the loss
+looked at through TAESD (a seeded random TAESD decoder of the real architecture), sync on the
 first 10 of 50 steps as in the papers; plus coherence: mean LPIPS of every window to the anchor window
 in the decoded result. Each configuration runs in a fresh process (peak RSS is per process).
 Tiny random-weight models: the ratios measure the mechanism's overhead, not image quality.
@@ -22,7 +23,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 LPIPS_DIR = Path(__file__).resolve().parent / ".cache" / "lpips"
-MODES = ("off", "exact", "fast")
+MODES = ("off", "exact", "fast", "taesd")
+
+
+def taesd_folder(tm) -> Path:
+    """A seeded random TAESD decoder (the real architecture) where ComfyUI's TAESD previews look."""
+    import comfy.taesd.taesd
+    import comfy.utils
+    folder = Path(__file__).resolve().parent / ".cache" / "vae_approx"
+    if not (folder / "taesd_decoder.safetensors").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        decoder = comfy.taesd.taesd.Decoder(4)
+        tm._init_weights(decoder, 9)
+        comfy.utils.save_torch_file(decoder.state_dict(), str(folder / "taesd_decoder.safetensors"))
+    return folder
 
 
 def child(args):
@@ -49,8 +63,11 @@ def child(args):
         plan = WindowPlanner.execute(width, win, win, win, stride, "first", 0, "uniform").args[0]
         sync = None
         if args.mode != "off":
+            if args.mode == "taesd":
+                folder_paths.add_model_folder_path("vae_approx", str(taesd_folder(tm)))
             sync = AnchorSync.execute(vae, 20.0, 0.95, args.sync_steps, args.net,
-                                      "exact" if args.mode == "exact" else "skip model Jacobian").args[0]
+                                      "skip model Jacobian" if args.mode == "fast" else "exact", "full",
+                                      "taesd" if args.mode == "taesd" else "vae").args[0]
         latent = {"samples": torch.zeros(1, 4, win // 8, width // 8)}
         if sync is not None:
             bridge.load_lpips(args.net, "cpu")  # loaded once per session in real use: not part of a run's peak

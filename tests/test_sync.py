@@ -446,3 +446,26 @@ def test_coherence_report_bad_inputs(s, monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(ValueError, match="lpips_net: .*'alexnet-owt-7be5be79.pth'.*models/lpips"):
         CoherenceReport.execute(torch.rand(1, 64, 192, 3), 64, "alex")
+
+
+def test_taesd_loss_decoder(s, tmp_path):
+    """The fast mode through ComfyUI's TAESD decoder (a seeded random one here, saved where ComfyUI's
+    TAESD previews look for it); refused clearly while the file is missing."""
+    import comfy.taesd.taesd
+    import comfy.utils
+    import folder_paths
+    world = s.inference
+    with torch.inference_mode():
+        taesd_sync = s.Sync.execute(world["vae"], 20.0, 0.95, 50, "alex", "exact", "full", "taesd").args[0]
+    if not any(f.startswith("taesd_decoder") for f in folder_paths.get_filename_list("vae_approx")):
+        with pytest.raises(ValueError, match="loss_decoder 'taesd' needs TAESD's decoder .*vae_approx.*taesd_decoder"):
+            run(s, world, taesd_sync)
+    decoder = comfy.taesd.taesd.Decoder(4)
+    s.tm._init_weights(decoder, 9)
+    folder = tmp_path / "vae_approx"
+    folder.mkdir()
+    comfy.utils.save_torch_file(decoder.state_dict(), str(folder / "taesd_decoder.safetensors"))
+    folder_paths.add_model_folder_path("vae_approx", str(folder))
+    out = run(s, world, taesd_sync)
+    assert bool(torch.isfinite(out).all())
+    assert not torch.equal(out, run(s, world)) and not torch.equal(out, run(s, world, sync_settings(s, world)))
