@@ -289,7 +289,7 @@ def test_anchorsync_workflow_converts(server, capsys):
     sync_id = by_type["AnchorSync"]
     assert prompt[sync_id]["inputs"] == {"vae": [by_type["CheckpointLoaderSimple"], 2], "weight": 20.0, "decay": 0.95,
                                          "sync_steps": 10, "lpips_net": "vgg", "gradient": "exact",
-                                         "loss_resolution": "full"}
+                                         "loss_resolution": "full", "loss_decoder": "vae"}
     assert prompt[by_type["SaveImage"]]["inputs"]["filename_prefix"] == "ControlSync_sync"
     sampler = prompt[by_type["ControlSyncSampler"]]["inputs"]
     assert sampler.pop("sync") == [sync_id, 0]
