@@ -1,19 +1,12 @@
 """AnchorSync: the SyncDiffusion / ControlSync step - windows pulled toward the anchor window's look."""
 from __future__ import annotations
 
-import os
-
 from comfy_api.latest import io
-
-import folder_paths
 
 from ..sampling.sync import LOSS_NETS, SyncSchedule
 from . import bridge
 
 SyncType = io.Custom("SYNC")
-
-# where users put the LPIPS backbone files (also settable in extra_model_paths.yaml as `lpips:`)
-folder_paths.add_model_folder_path("lpips", os.path.join(folder_paths.models_dir, "lpips"))
 
 
 class AnchorSync(io.ComfyNode):

@@ -14,6 +14,7 @@ import contextvars
 import functools
 import logging
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +63,18 @@ def latent_geometry(model) -> tuple[int, int]:
     factor = getattr(base.latent_format, "spacial_downscale_ratio", 8)
     patch = getattr(base.diffusion_model, "patch_size", 1)
     return int(factor), int(patch) if isinstance(patch, int) and patch > 0 else 1
+
+
+def layout_for(plan, model, latent_shape):
+    """The plan laid out on a latent of `latent_shape` for this model (a ModelPatcher or BaseModel)."""
+    if len(latent_shape) != 4:
+        raise ValueError(f"latent_image: ControlSync plans are 2-D images; got a latent of shape {tuple(latent_shape)} "
+                         f"({len(latent_shape) - 2} spatial dims)")
+    factor, multiple = latent_geometry(model)
+    try:
+        return plan.layout(tuple(latent_shape[-2:]), factor, multiple)
+    except PlanError as e:
+        raise ValueError(f"plan / latent_image: {e}") from None
 
 
 def refuse_unsupported(model_options: dict) -> None:
@@ -175,16 +188,8 @@ class _Run:
         self.controls = {}        # (id(control), windows) -> (control, chain copy)
 
     def layout(self, model, x_in):
-        if x_in.ndim != 4:
-            raise ValueError(f"latent_image: ControlSync plans are 2-D images; this model's latent has shape "
-                             f"{tuple(x_in.shape)} ({x_in.ndim - 2} spatial dims).")
-        hw = tuple(x_in.shape[-2:])
-        if self.plan is None or self.plan.canvas != hw:
-            factor, multiple = latent_geometry(model)
-            try:
-                self.plan = self.config.plan.layout(hw, factor, multiple)
-            except PlanError as e:
-                raise ValueError(f"plan: {e}") from None
+        if self.plan is None or self.plan.canvas != tuple(x_in.shape[-2:]):
+            self.plan = layout_for(self.config.plan, model, x_in.shape)
         return self.plan
 
     def batches(self, model, plan, conds, x_in):
@@ -421,13 +426,13 @@ def autograd_through(modules):
 _lpips_cache: dict = {}
 
 
+# where users put the LPIPS backbone files (also settable in extra_model_paths.yaml as `lpips:`)
+folder_paths.add_model_folder_path("lpips", os.path.join(folder_paths.models_dir, "lpips"))
+
+
 def lpips_backbone_path(net: str) -> str:
     """The torchvision ImageNet backbone file LPIPS needs, from ComfyUI's models/lpips or torch's hub cache."""
-    folders = list(folder_paths.get_folder_paths("lpips")) if "lpips" in folder_paths.folder_names_and_paths else []
-    try:
-        return find_backbone(net, folders + [hub_checkpoints()])
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"sync: {e}") from None
+    return find_backbone(net, list(folder_paths.get_folder_paths("lpips")) + [hub_checkpoints()])
 
 
 def load_lpips(net: str, device, dtype=torch.float32):

@@ -7,7 +7,6 @@ from comfy_api.latest import io
 from ..sampling import gather, metrics
 from ..sampling.preview import ANCHOR_COLOR
 from . import bridge
-from . import anchor_sync  # noqa: F401  (registers the lpips model folder)
 from .window_planner import LATENT_CELL_PX, WindowPlanType
 
 CHART_HEIGHT, BAR_WIDTH, GAP = 240, 24, 6

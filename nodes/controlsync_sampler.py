@@ -8,7 +8,6 @@ from comfy_api.latest import io
 import comfy.samplers
 import nodes as comfy_nodes  # ComfyUI's nodes.py
 
-from ..sampling import PlanError
 from . import bridge
 from .anchor_sync import SyncType
 from .window_planner import WindowPlanType
@@ -22,15 +21,8 @@ def window_batch_input():
 
 def check_plan_fits(model, plan, latent):
     """Fail at the node, naming the input, before any sampling starts; returns the latent layout."""
-    samples = latent["samples"]
-    if samples.ndim != 4:
-        raise ValueError(f"latent_image: ControlSync plans are 2-D images; got a latent of shape {tuple(samples.shape)}")
     bridge.refuse_unsupported(model.model_options)
-    factor, multiple = bridge.latent_geometry(model)
-    try:
-        return plan.layout(tuple(samples.shape[-2:]), factor, multiple)
-    except PlanError as e:
-        raise ValueError(f"plan / latent_image: {e}") from None
+    return bridge.layout_for(plan, model, latent["samples"].shape)
 
 
 class ControlSyncSampler(io.ComfyNode):

@@ -18,8 +18,9 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     omega = torch.arccos(cos.clamp(-1.0, 1.0))
     sin = torch.sin(omega)
     linear = sin.abs() < 1e-6  # (anti)parallel vectors: fall back to a straight line
-    wa = torch.where(linear, torch.full_like(sin, 1 - t), torch.sin((1 - t) * omega) / sin.where(~linear, torch.ones_like(sin)))
-    wb = torch.where(linear, torch.full_like(sin, t), torch.sin(t * omega) / sin.where(~linear, torch.ones_like(sin)))
+    safe = torch.where(linear, torch.ones_like(sin), sin)
+    wa = torch.where(linear, 1 - t, torch.sin((1 - t) * omega) / safe)
+    wb = torch.where(linear, t, torch.sin(t * omega) / safe)
     return (wa * a64 + wb * b64).to(a.dtype)
 
 

@@ -13,7 +13,7 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
-from comfy_host import PACK_DIR, find_host, host_version, import_host  # noqa: E402
+from comfy_host import find_host, host_version, import_host  # noqa: E402
 
 HOST = find_host()
 

@@ -6,6 +6,7 @@ import torch
 # torchvision's `features` indices of the conv layers, in order
 _TORCHVISION_CONVS = {"vgg": ("VGG16_0", "vgg16-397923af.pth", [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]),
                       "alex": ("AlexNet_0", "alexnet-owt-7be5be79.pth", [0, 3, 6, 8, 10])}
+BACKBONE_FILES = {net: filename for net, (_, filename, _) in _TORCHVISION_CONVS.items()}
 
 
 def write_lpips_backbones(folder) -> None:

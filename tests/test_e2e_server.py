@@ -35,6 +35,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from comfy_host import PACK_DIR, find_host, host_version  # noqa: E402
 from e2e_assets import CONDITION_NAME, _locked, ensure_assets  # noqa: E402
+from lpips_weights import BACKBONE_FILES  # noqa: E402
 
 WORKFLOW = PACK_DIR / "workflows" / "controlsync_panorama.json"
 SYNC_WORKFLOW = PACK_DIR / "workflows" / "controlsync_anchorsync.json"
@@ -43,7 +44,7 @@ LOOP_WORKFLOW = PACK_DIR / "workflows" / "collage_loop360.json"
 OUTPAINT_WORKFLOW = PACK_DIR / "workflows" / "collage_outpaint.json"
 OUTPAINT_PHOTO = PACK_DIR / "workflows" / "outpaint_photo.jpg"
 LPIPS_DIR = Path(__file__).resolve().parent / ".cache" / "lpips"  # shared with test_sync.py
-LPIPS_FILES = ("vgg16-397923af.pth", "alexnet-owt-7be5be79.pth")
+LPIPS_FILES = tuple(BACKBONE_FILES.values())
 RUNNER = PACK_DIR / "workflows" / "run_workflow.py"
 PACK_NODES = ("WindowPlanner", "ControlSyncSampler", "ControlSyncWindowedModel", "AnchorSync", "FactorGraphCollage",
               "ControlSyncLoopDecode", "ControlSyncCoherenceReport")
@@ -442,25 +443,15 @@ def test_conversion_follows_reroutes_primitives_and_bypass(server):
 def test_panorama_run(server, tmp_path, capsys):
     """The shipped workflow, small: a 384x128 condition image, 128 px windows, stride 64, 3 steps."""
     from PIL import Image
-    import numpy as np
 
     announce(capsys, server, "panorama run")
-    t0 = time.monotonic()
-    proc = run_workflow(server, tmp_path, "--image", str(server.assets.small_condition), "--previews", *SMALL_RUN)
-    elapsed = time.monotonic() - t0
-    assert proc.returncode == 0, f"run_workflow.py failed:\n{proc.stdout}\n{proc.stderr}\nserver log:\n{server.log_tail()}"
-    paths = [Path(p) for p in proc.stdout.split()]
-    saved = [p for p in paths if p.name.startswith("ControlSync")]
-    previews = [p for p in paths if p.name.startswith("temp_")]
-    assert len(saved) == 1 and len(previews) == 1, proc.stdout
+    proc, path, image, _, elapsed = checked_run(server, tmp_path, "ControlSync", "--image",
+                                                str(server.assets.small_condition), "--previews", *SMALL_RUN)
+    previews = [Path(p) for p in proc.stdout.split() if Path(p).name.startswith("temp_")]
+    assert len(previews) == 1, proc.stdout
     with capsys.disabled():
-        print(f"[e2e] {server.describe()}: {CANVAS_W}x{CANVAS_H}, 5 windows, 3 steps in {elapsed:.1f}s -> {saved[0]}")
+        print(f"[e2e] {server.describe()}: {CANVAS_W}x{CANVAS_H}, 5 windows, 3 steps in {elapsed:.1f}s -> {path}")
 
-    image = Image.open(saved[0])
-    assert image.size == (CANVAS_W, CANVAS_H)
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
-    assert np.isfinite(pixels).all()
-    assert pixels.std() > 5 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100, "the image is (nearly) constant"
     # the PNG carries the prompt that made it, with the overrides, like a UI run
     meta = json.loads(image.info["prompt"])
     sampler = next(n for n in meta.values() if n["class_type"] == "ControlSyncSampler")
@@ -472,11 +463,24 @@ def test_panorama_run(server, tmp_path, capsys):
     assert preview.size == (CANVAS_W, CANVAS_H)
 
 
-def _saved_image(proc, prefix):
+def checked_run(srv, out_dir: Path, prefix: str, *extra, workflow=WORKFLOW):
+    """run_workflow, then the one saved image starting with `prefix`: canvas-sized, finite, not constant.
+    Returns (proc, path, image, pixels as float64 HxWx3, seconds)."""
+    import numpy as np
     from PIL import Image
+    t0 = time.monotonic()
+    proc = run_workflow(srv, out_dir, *extra, workflow=workflow)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 0, f"run_workflow.py failed:\n{proc.stdout}\n{proc.stderr}\nserver log:\n{srv.log_tail()}"
     saved = [Path(p) for p in proc.stdout.split() if Path(p).name.startswith(prefix)]
     assert len(saved) == 1, proc.stdout
-    return saved[0], Image.open(saved[0])
+    image = Image.open(saved[0])
+    assert image.size == (CANVAS_W, CANVAS_H), saved[0]
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
+    assert np.isfinite(pixels).all()
+    assert pixels.std() > 5 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100, \
+        f"the image is (nearly) constant: {saved[0]}"
+    return proc, saved[0], image, pixels, elapsed
 
 
 def test_anchorsync_run(server, tmp_path, capsys):
@@ -492,21 +496,12 @@ def test_anchorsync_run(server, tmp_path, capsys):
              "--set", "Anchor Sync (ControlSync).lpips_net=alex", "--set", "AnchorSync.sync_steps=17"]
     pixels, times = {}, {}
     for weight in ("20", "0"):
-        t0 = time.monotonic()
-        proc = run_workflow(server, tmp_path / f"w{weight}", *small, "--set", f"AnchorSync.weight={weight}",
-                            workflow=SYNC_WORKFLOW)
-        times[weight] = time.monotonic() - t0
-        assert proc.returncode == 0, \
-            f"run_workflow.py failed:\n{proc.stdout}\n{proc.stderr}\nserver log:\n{server.log_tail()}"
-        path, image = _saved_image(proc, "ControlSync_sync")
-        assert image.size == (CANVAS_W, CANVAS_H)
+        _, path, image, pixels[weight], times[weight] = checked_run(
+            server, tmp_path / f"w{weight}", "ControlSync_sync", *small, "--set", f"AnchorSync.weight={weight}",
+            workflow=SYNC_WORKFLOW)
         meta = json.loads(image.info["prompt"])
         sync = next(n for n in meta.values() if n["class_type"] == "AnchorSync")["inputs"]
         assert (sync["weight"], sync["sync_steps"], sync["lpips_net"]) == (float(weight), 17, "alex")
-        pixels[weight] = np.asarray(image.convert("RGB"), dtype=np.float64)
-        assert np.isfinite(pixels[weight]).all()
-        assert pixels[weight].std() > 5 and len(np.unique(pixels[weight].reshape(-1, 3), axis=0)) > 100, \
-            f"the image is (nearly) constant: {path}"
     # the anchor window (the first, x < 128 px) is never moved: the picture changes away from it. Only the
     # anchor covers x < 64 (what changes there leaks in through the overlap over the later steps and the VAE)
     diff = np.abs(pixels["20"] - pixels["0"]).mean(axis=2)
@@ -522,13 +517,13 @@ def test_anchorsync_run(server, tmp_path, capsys):
 
 
 def seam_score(pixels) -> float:
-    """Mean |difference| across the wrap (last column -> first) over the mean |difference| between
-    neighbouring interior columns: ~1 when the image continues across its left/right edge."""
-    import numpy as np
-
-    across = np.abs(pixels[:, -1] - pixels[:, 0]).mean()
-    interior = np.abs(np.diff(pixels, axis=1)).mean()
-    return float(across / interior)
+    """The pack's seam score (sampling/metrics.py) of an HxWx3 image: ~1 when it continues across its
+    left/right edge."""
+    import torch
+    from comfy_host import load_sampling
+    load_sampling()
+    from controlsync_sampling.metrics import seam_score as score
+    return score(torch.from_numpy(pixels).permute(2, 0, 1))
 
 
 @pytest.mark.parametrize("which", ["chain", "loop"])
@@ -536,7 +531,6 @@ def test_collage_run(server, tmp_path, capsys, which):
     """The two collage workflows, small (COLLAGE_SMALL_RUN: 384x128, 128 px factors overlapping by 64, 2 steps;
     the chain with 5 prompt lines for its 5 factors). The loop's saved image has to wrap: its seam score stays
     near the interior's column-to-column change. Main host only (CPU time)."""
-    import numpy as np
     from PIL import Image
 
     if server.kind != "main":
@@ -544,16 +538,8 @@ def test_collage_run(server, tmp_path, capsys, which):
     announce(capsys, server, f"collage {which} run")
     workflow, prefix = {"chain": (CHAIN_WORKFLOW, "ControlSync_chain"), "loop": (LOOP_WORKFLOW, "ControlSync_loop")}[which]
     extra = ["--set", "FactorGraphCollage.prompts=" + "\n".join(SMALL_CHAIN_PROMPTS)] if which == "chain" else []
-    t0 = time.monotonic()
-    proc = run_workflow(server, tmp_path, "--previews", *COLLAGE_SMALL_RUN, *extra, workflow=workflow)
-    elapsed = time.monotonic() - t0
-    assert proc.returncode == 0, f"run_workflow.py failed:\n{proc.stdout}\n{proc.stderr}\nserver log:\n{server.log_tail()}"
-    path, image = _saved_image(proc, prefix)
-    assert image.size == (CANVAS_W, CANVAS_H)
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
-    assert np.isfinite(pixels).all()
-    assert pixels.std() > 5 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100, \
-        f"the image is (nearly) constant: {path}"
+    proc, path, image, pixels, elapsed = checked_run(server, tmp_path, prefix, "--previews", *COLLAGE_SMALL_RUN,
+                                                     *extra, workflow=workflow)
     meta = json.loads(image.info["prompt"])
     collage = next(n for n in meta.values() if n["class_type"] == "FactorGraphCollage")["inputs"]
     assert (collage["width"], collage["height"], collage["window_width"], collage["overlap"]) == (384, 128, 128, 64)
@@ -594,18 +580,10 @@ def test_collage_outpaint_run(server, tmp_path, capsys):
              "--set", "FactorGraphCollage.overlap=64", "--set", "ControlSyncSampler.steps=2"]
     pixels, times = {}, {}
     for seed in ("42", "7"):
-        t0 = time.monotonic()
-        proc = run_workflow(server, tmp_path / f"s{seed}", *small, "--set", f"ControlSyncSampler.seed={seed}",
-                            workflow=OUTPAINT_WORKFLOW)
-        times[seed] = time.monotonic() - t0
-        assert proc.returncode == 0, \
-            f"run_workflow.py failed:\n{proc.stdout}\n{proc.stderr}\nserver log:\n{server.log_tail()}"
-        path, image = _saved_image(proc, "ControlSync_outpaint")
-        assert image.size == (CANVAS_W, CANVAS_H), path  # the canvas comes from the encoded (padded) photo
-        pixels[seed] = np.asarray(image.convert("RGB"), dtype=np.float64)
-        assert np.isfinite(pixels[seed]).all()
-        assert pixels[seed].std() > 5 and len(np.unique(pixels[seed].reshape(-1, 3), axis=0)) > 100, \
-            f"the image is (nearly) constant: {path}"
+        # canvas-sized: the canvas comes from the encoded (padded) photo
+        _, path, image, pixels[seed], times[seed] = checked_run(
+            server, tmp_path / f"s{seed}", "ControlSync_outpaint", *small, "--set", f"ControlSyncSampler.seed={seed}",
+            workflow=OUTPAINT_WORKFLOW)
         meta = json.loads(image.info["prompt"])
         assert next(n for n in meta.values() if n["class_type"] == "ImagePadForOutpaint")["inputs"]["left"] == 128
     diff = np.abs(pixels["42"] - pixels["7"]).mean(axis=2)

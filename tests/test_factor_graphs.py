@@ -79,7 +79,7 @@ def exact_denoiser(cov):
 
 
 def region_indices(region):
-    (y, x), (h, w) = region.pieces[0].src, region.pieces[0].size
+    x, w = region.pieces[0].src[1], region.pieces[0].size[1]
     return list(range(x, x + w))
 
 

@@ -2,8 +2,6 @@
 with tiny seeded models built from config."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 

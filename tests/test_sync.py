@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from lpips_weights import BACKBONE_FILES
+
 LPIPS_DIR = Path(__file__).resolve().parent / ".cache" / "lpips"
-LPIPS_FILES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}  # torchvision's names
 CANVAS_PX = (64, 192)
 WINDOW_STARTS = [0, 4, 8, 12, 16]  # 64 px windows, stride 32 px, in latent cells
 
@@ -97,7 +98,7 @@ class Reference:
         self.hint = s.image.movedim(-1, 1).to(world["dtype"])
         self.patches = {"patches": {"input_block_patch_after_skip": [lambda h, o: h.clone()]}}
         self.lpips = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
-        state = torch.load(LPIPS_DIR / LPIPS_FILES[net], weights_only=True)
+        state = torch.load(LPIPS_DIR / BACKBONE_FILES[net], weights_only=True)
         for block in self.lpips.net.children():
             for index, layer in block.named_children():
                 for name, p in layer.named_parameters():
@@ -390,7 +391,7 @@ def test_bad_inputs(s, caplog, monkeypatch, tmp_path):
 
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "lpips", ([str(tmp_path / "none")], set()))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    with pytest.raises(ValueError, match="lpips_net: sync: LPIPS-alex needs .*'alexnet-owt-7be5be79.pth'.*models/lpips"):
+    with pytest.raises(ValueError, match="lpips_net: LPIPS-alex needs .*'alexnet-owt-7be5be79.pth'.*models/lpips"):
         s.Sync.execute(world["vae"], 20.0, 0.95, 10, "alex", "exact")
     monkeypatch.undo()
 
