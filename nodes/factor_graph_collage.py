@@ -1,4 +1,4 @@
-"""FactorGraphCollage: DiffCollage factor graphs (chains, seamless loops, grids) for ControlSync Sampler."""
+"""FactorGraphCollage: DiffCollage factor graphs (chains, seamless loops, grids, 360 cubemaps) for ControlSync Sampler."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ from dataclasses import replace
 from comfy_api.latest import io
 
 from ..sampling.conditioning import VARIABLE_PROMPTS, along_chain
-from ..sampling.factor_graphs import GRAPHS, FactorGraphPlan
+from ..sampling.collage import GRAPHS, FactorGraphPlan
 from .window_planner import LATENT_CELL_PX, canvas_inputs, canvas_size, plan_output, plan_outputs
 
 
@@ -29,24 +29,28 @@ class FactorGraphCollage(io.ComfyNode):
                         "denoises each factor and each overlap, and the canvas prediction is sum(factors) - "
                         "sum((degree-1) * overlaps): exact for tree-shaped graphs, where plain averaging is not. "
                         "chain: long images; cycle: a horizontal loop that wraps with no seam (360 panoramas); "
-                        "grid: any height and width. Sampled by ControlSync Sampler, with ControlNet crops and "
-                        "AnchorSync like window plans.",
+                        "grid: any height and width; cubemap: a full 360 environment as 6 square faces (a strip "
+                        "left, front, right, back, up, down), the paper's graph of three 4-face loops. Sampled by "
+                        "ControlSync Sampler, with ControlNet crops and AnchorSync like window plans.",
             inputs=[
                 io.Combo.Input("graph", options=list(GRAPHS), default="chain",
                                tooltip="chain: factors in a row (long images); cycle: a loop whose last factor overlaps "
-                                       "the first (seamless horizontal wrap); grid: factors overlapping on all sides."),
+                                       "the first (seamless horizontal wrap); grid: factors overlapping on all sides; cubemap: a 360 cube "
+                                       "(three loops of 4 faces; convert with Cubemap to Equirectangular)."),
                 io.Int.Input("width", default=2048, min=64, max=16384, step=8,
-                             tooltip="Canvas width in pixels. Ignored when a latent or an image is connected."),
+                             tooltip="Canvas width in pixels (cubemap: the width of one face; the canvas is 6 faces "
+                                     "wide). Ignored when a latent or an image is connected."),
                 io.Int.Input("height", default=512, min=64, max=16384, step=8,
-                             tooltip="Canvas height in pixels. Ignored when a latent or an image is connected."),
+                             tooltip="Canvas height in pixels (cubemap: the height of one face, equal to its width). "
+                                     "Ignored when a latent or an image is connected."),
                 io.Int.Input("window_width", default=512, min=64, max=16384, step=8,
                              tooltip="Width of one factor: the model's training size."),
                 io.Int.Input("window_height", default=512, min=64, max=16384, step=8,
                              tooltip="Height of one factor. Chains and loops running horizontally need it equal to "
-                                     "the canvas height."),
+                                     "the canvas height; cubemaps to the face size."),
                 io.Int.Input("overlap", default=256, min=0, max=16384, step=8,
                              tooltip="Pixels shared by neighbouring factors (the DiffCollage paper: half a window). For "
-                                     "a loop the canvas width must be a multiple of window_width - overlap."),
+                                     "a loop the canvas width (a cubemap: 4 faces) must be a multiple of window_width - overlap."),
                 io.Combo.Input("direction", options=["horizontal", "vertical"], default="horizontal",
                                tooltip="Chains only: left to right, or top to bottom."),
                 io.Int.Input("anchor_index", default=0, min=0, max=100000,
@@ -54,7 +58,8 @@ class FactorGraphCollage(io.ComfyNode):
                 io.Combo.Input("prompt_mode", options=list(PROMPT_MODES), default="one for all",
                                tooltip="one for all: every factor uses the sampler's positive prompt. per factor: one "
                                        "line of 'prompts' per factor, in order. interpolate: factors move from the first "
-                                       "line to the last by spherical interpolation (slerp) of the text embeddings."),
+                                       "line to the last by spherical interpolation (slerp) of the text embeddings. A cubemap takes "
+                                       "one prompt per face: left, front, right, back, up, down."),
                 io.String.Input("prompts", multiline=True, default="", optional=True,
                                 tooltip="One prompt per line (needs the clip input). ControlNets, masks and the negative "
                                         "prompt still come from the sampler's conditioning."),
@@ -71,7 +76,10 @@ class FactorGraphCollage(io.ComfyNode):
     def execute(cls, graph, width, height, window_width, window_height, overlap, direction, anchor_index,
                 prompt_mode="one for all", prompts="", variable_prompts="mean", clip=None, image=None,
                 latent=None) -> io.NodeOutput:
-        height, width = canvas_size(width, height, image, latent)
+        if graph == "cubemap":
+            height, width = cubemap_canvas(width, height, image, latent)
+        else:
+            height, width = canvas_size(width, height, image, latent)
 
         def make_plan():
             plan = FactorGraphPlan(graph, (height, width), (window_height, window_width), overlap, direction,
@@ -83,14 +91,33 @@ class FactorGraphCollage(io.ComfyNode):
         return plan_output("FactorGraphCollage", make_plan, image, latent)
 
 
+def cubemap_canvas(width, height, image=None, latent=None) -> tuple[int, int]:
+    """(height, width) of the strip of 6 faces: from a connected strip latent or image, else the face widgets."""
+    if latent is None and image is None:
+        if width != height:
+            raise ValueError(f"width / height: cubemap faces must be square; got a {width}x{height} px face")
+        return height, 6 * width
+    height, width = canvas_size(width, height, image, latent)
+    if width != 6 * height:
+        source = "latent" if latent is not None else "image"
+        raise ValueError(f"{source}: a cubemap canvas is a strip of 6 square faces (left, front, right, back, up, "
+                         f"down), 6 times as wide as high; got {width}x{height} px. Convert an equirectangular "
+                         f"image with Equirectangular to Cubemap (ControlSync).")
+    return height, width
+
+
 def factor_prompts(plan, latent_hw, mode, prompts, variable_prompts, clip) -> dict:
     lines = [line.strip() for line in (prompts or "").splitlines() if line.strip()]
     count = plan.factor_count(latent_hw, LATENT_CELL_PX)
     if clip is None:
         raise ValueError(f"clip: prompt_mode '{mode}' encodes the prompts itself: connect the CLIP of your checkpoint")
     if mode == "per factor" and len(lines) != count:
-        raise ValueError(f"prompts: prompt_mode 'per factor' needs one line per factor: the graph has {count} factors "
+        per = "face (left, front, right, back, up, down)" if plan.graph == "cubemap" else "factor"
+        raise ValueError(f"prompts: prompt_mode 'per factor' needs one line per {per}: the graph has {count} "
                          f"but prompts has {len(lines)} non-empty lines")
+    if mode == "interpolate" and plan.graph == "cubemap":
+        raise ValueError("prompt_mode: 'interpolate' runs along a chain or loop; a cubemap takes 'per factor' "
+                         "prompts, one line per face: left, front, right, back, up, down")
     if mode == "interpolate" and len(lines) < 2:
         raise ValueError(f"prompts: prompt_mode 'interpolate' needs at least two lines (first and last scene), got {len(lines)}")
     embeddings = [encode(clip, line) for line in lines]

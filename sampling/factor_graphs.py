@@ -8,12 +8,9 @@ cycles this is exactly DiffCollage's rule, and on every canvas cell the coeffici
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from .conditioning import VARIABLE_PROMPTS, region_prompts
-from .plans import PlanError, RegionPlan, _cells, rect_region, window_starts
-
-GRAPHS = ("chain", "cycle", "grid")
+from .plans import PlanError, RegionPlan, rect_region, window_starts
 
 
 @dataclass(frozen=True)
@@ -109,68 +106,3 @@ def grid_factors(canvas: tuple[int, int], window: tuple[int, int], overlap: int)
     ys = window_starts(canvas[0], window[0], window[0] - overlap)
     xs = window_starts(canvas[1], window[1], window[1] - overlap)
     return [Box(Span(y, window[0]), Span(x, window[1])) for y in ys for x in xs]
-
-
-@dataclass(frozen=True)
-class FactorGraphPlan:
-    """A DiffCollage factor graph over a canvas, in pixels (sampled through the WINDOW_PLAN socket)."""
-    graph: str
-    canvas_px: tuple[int, int]
-    window_px: tuple[int, int]
-    overlap_px: int
-    direction: str = "horizontal"   # chains: horizontal or vertical
-    anchor: int = 0
-    factor_prompts: tuple = ()      # one text embedding per factor (empty: the sampler's positive prompt)
-    variable_prompt: str = "mean"   # overlaps: mean of their factors' embeddings, or the null prompt
-    null_prompt: object = None      # the empty prompt's embedding, for variable_prompt "null"
-
-    def __post_init__(self):
-        if self.graph not in GRAPHS:
-            raise PlanError(f"graph must be one of {GRAPHS}, got {self.graph!r}")
-        for value, name in ((self.canvas_px[0], "height"), (self.canvas_px[1], "width"),
-                            (self.window_px[0], "window_height"), (self.window_px[1], "window_width")):
-            if value <= 0 or value % 8:
-                raise PlanError(f"{name} must be a positive multiple of 8 px, got {value}")
-        if self.overlap_px < 0 or self.overlap_px % 8:
-            raise PlanError(f"overlap must be a multiple of 8 px and >= 0, got {self.overlap_px}")
-        for window, canvas, name in zip(self.window_px, self.canvas_px, ("window_height", "window_width")):
-            if window > canvas:
-                raise PlanError(f"{name} = {window} px is larger than the canvas ({canvas} px): the graph is too small "
-                                f"for the window")
-        if self.graph == "grid":
-            along = min(self.window_px)
-        else:
-            along = self.window_px[0] if (self.graph == "chain" and self.direction == "vertical") else self.window_px[1]
-        if self.variable_prompt not in VARIABLE_PROMPTS:
-            raise PlanError(f"variable prompts must be one of {VARIABLE_PROMPTS}, got {self.variable_prompt!r}")
-        if self.overlap_px >= along:
-            raise PlanError(f"overlap = {self.overlap_px} px must be smaller than the window ({self.window_px[1]}x"
-                            f"{self.window_px[0]} px)")
-
-    def layout(self, latent_hw: tuple[int, int], factor: int = 8, multiple: int = 1) -> RegionPlan:
-        H, W = latent_hw
-        if (H * factor, W * factor) != tuple(self.canvas_px):
-            raise PlanError(
-                f"the latent is {W * factor}x{H * factor} px but the factor graph was made for a "
-                f"{self.canvas_px[1]}x{self.canvas_px[0]} px canvas: give FactorGraphCollage the same size")
-        window = tuple(_cells(v, factor, multiple, n) for v, n in zip(self.window_px, ("window_height", "window_width")))
-        overlap = _cells(self.overlap_px, factor, 1, "overlap") if self.overlap_px else 0
-        if self.graph == "chain":
-            boxes = chain_factors((H, W), window, overlap, 0 if self.direction == "vertical" else 1)
-        elif self.graph == "cycle":
-            boxes = cycle_factors((H, W), window, overlap)
-        else:
-            boxes = grid_factors((H, W), window, overlap)
-        if self.anchor >= len(boxes):
-            raise PlanError(f"anchor {self.anchor} is past the last factor ({len(boxes)} factors)")
-        plan = factor_region_plan((H, W), boxes, wrap_x=self.graph == "cycle", anchor=self.anchor)
-        if not self.factor_prompts:
-            return plan
-        if len(self.factor_prompts) != len(boxes):
-            raise PlanError(f"prompts: {len(self.factor_prompts)} prompts for {len(boxes)} factors - give one per factor")
-        return replace(plan, prompts=region_prompts(list(self.factor_prompts), plan.factors_of, self.variable_prompt,
-                                                    self.null_prompt))
-
-    def factor_count(self, latent_hw: tuple[int, int], factor: int = 8) -> int:
-        plan = replace(self, factor_prompts=()).layout(latent_hw, factor)
-        return sum(1 for i, f in enumerate(plan.factors_of) if f == (i,))

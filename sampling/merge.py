@@ -12,21 +12,25 @@ from .plans import Region, RegionPlan
 
 def gather(canvas: torch.Tensor, region: Region) -> torch.Tensor:
     """The region's cells of `canvas` (..., H, W) as a (..., h, w) tensor."""
-    if len(region.pieces) == 1 and region.pieces[0].dst == (0, 0):
-        (y, x), (h, w) = region.pieces[0].src, region.pieces[0].size
+    if region.rect is not None and region.pieces[0].dst == (0, 0):
+        y, x, h, w = region.rect
         return canvas[..., y:y + h, x:x + w]
     out = canvas.new_empty(canvas.shape[:-2] + region.size)
     for p in region.pieces:
-        (sy, sx), (dy, dx), (h, w) = p.src, p.dst, p.size
-        out[..., dy:dy + h, dx:dx + w] = canvas[..., sy:sy + h, sx:sx + w]
+        (sy, sx), (dy, dx), (h, w), (dh, dw) = p.src, p.dst, p.size, p.dst_size
+        out[..., dy:dy + dh, dx:dx + dw] = _turn(canvas[..., sy:sy + h, sx:sx + w], p.turns)
     return out
 
 
 def scatter_add(canvas: torch.Tensor, region: Region, values: torch.Tensor) -> None:
-    """canvas[region] += values, in place."""
+    """canvas[region] += values, in place (turned pieces are turned back)."""
     for p in region.pieces:
-        (sy, sx), (dy, dx), (h, w) = p.src, p.dst, p.size
-        canvas[..., sy:sy + h, sx:sx + w] += values[..., dy:dy + h, dx:dx + w]
+        (sy, sx), (dy, dx), (h, w), (dh, dw) = p.src, p.dst, p.size, p.dst_size
+        canvas[..., sy:sy + h, sx:sx + w] += _turn(values[..., dy:dy + dh, dx:dx + dw], -p.turns)
+
+
+def _turn(block: torch.Tensor, turns: int) -> torch.Tensor:
+    return block if turns % 4 == 0 else torch.rot90(block, turns, dims=(-2, -1))
 
 
 def blend_map(size: tuple[int, int], feather: int, dtype=torch.float32, device=None) -> torch.Tensor:

@@ -19,13 +19,20 @@ class PlanError(ValueError):
 
 @dataclass(frozen=True)
 class Piece:
-    """An axis-aligned block of canvas cells copied to `dst` inside its region."""
+    """An axis-aligned block of canvas cells copied to `dst` inside its region, turned by `turns`
+    quarter turns (torch.rot90's direction) on the way: cube faces meet at any orientation."""
     src: tuple[int, int]   # (y, x) on the canvas
     dst: tuple[int, int]   # (y, x) inside the region
-    size: tuple[int, int]  # (h, w)
+    size: tuple[int, int]  # (h, w) on the canvas
+    turns: int = 0
 
     def scaled(self, k: int) -> "Piece":
-        return Piece(tuple(v * k for v in self.src), tuple(v * k for v in self.dst), tuple(v * k for v in self.size))
+        return Piece(tuple(v * k for v in self.src), tuple(v * k for v in self.dst), tuple(v * k for v in self.size),
+                     self.turns)
+
+    @property
+    def dst_size(self) -> tuple[int, int]:
+        return self.size if self.turns % 2 == 0 else self.size[::-1]
 
 
 @dataclass(frozen=True)
@@ -42,8 +49,8 @@ class Region:
 
     @property
     def rect(self) -> tuple[int, int, int, int] | None:
-        """(y, x, h, w) on the canvas when the region is one unwrapped block, else None."""
-        if len(self.pieces) != 1:
+        """(y, x, h, w) on the canvas when the region is one unwrapped, unturned block, else None."""
+        if len(self.pieces) != 1 or self.pieces[0].turns % 4:
             return None
         (y, x), (h, w) = self.pieces[0].src, self.pieces[0].size
         return y, x, h, w

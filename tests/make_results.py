@@ -28,7 +28,7 @@ def test_bed(samples: int) -> list[tuple[str, float]]:
     from comfy_host import load_sampling
     S = load_sampling()
     from controlsync_sampling import testbed as T
-    from controlsync_sampling.factor_graphs import FactorGraphPlan
+    from controlsync_sampling.collage import FactorGraphPlan
     from controlsync_sampling.sync import SyncSchedule
     world = T.GlobalStyleWorld(length=48, tau=1.0, delta=0.3)
     plan = S.WindowPlan((8, 8 * 48), (8, 8 * 16), (8, 8 * 8)).layout((1, 48), 8)

@@ -128,7 +128,7 @@ class PromptRecorder:
 @pytest.mark.parametrize("variables", ["mean", "null"])
 def test_per_factor_prompts_reach_their_factors(c, variables):
     import comfy.patcher_extension
-    from controlsync.sampling.factor_graphs import FactorGraphPlan as PackPlan
+    from controlsync.sampling.collage import FactorGraphPlan as PackPlan
     g = torch.Generator().manual_seed(3)
     prompts = tuple(torch.randn(1, 77, c.tm.CONTEXT_DIM, generator=g) for _ in range(3))
     null = torch.zeros(1, 77, c.tm.CONTEXT_DIM)
@@ -208,3 +208,85 @@ def test_replacement_outpainting_keeps_the_known_cells(c):
     out = sample(c, collage(c, "chain", c.image), c.image, latent=latent, steps=4)
     assert torch.allclose(out[..., 12:20], known[..., 12:20], rtol=0, atol=1e-5)
     assert (out[..., :10] - known[..., :10]).abs().mean() > 0.1
+
+
+# --- 360 cubemap ------------------------------------------------------------------------------
+
+def cube_strip(c, face_px=64):
+    """A condition strip made from an equirectangular picture, as a user's graph would."""
+    from controlsync.nodes.equirect_to_cubemap import EquirectToCubemap
+    return EquirectToCubemap.execute(c.tm.condition_image(2 * face_px, 4 * face_px), face_px).args[0]
+
+
+def test_cubemap_hint_reaching_each_region_is_the_turned_crop_of_the_canvas_hint(c):
+    """Every region (windows across faces, turned quarter by quarter) gets ComfyUI's canvas-sized hint
+    gathered exactly as its latent is."""
+    import comfy.utils
+    from controlsync.sampling import gather
+    strip = cube_strip(c)
+    plan = c.Collage.execute("cubemap", 64, 64, 64, 64, 32, "horizontal", 0, image=strip).args[0]
+    layout = plan.layout((8, 48), 8)
+    hints = []
+    handle = c.cn.control_model.register_forward_hook(lambda m, a, kw, out: hints.append(kw["hint"].clone()),
+                                                      with_kwargs=True)
+    try:
+        out = sample(c, plan, strip, steps=1)
+    finally:
+        handle.remove()
+    canvas_hint = comfy.utils.common_upscale(strip.movedim(-1, 1), 384, 64, c.cn.upscale_algorithm, "center")
+    assert len(hints) == len(layout.regions) and bool(torch.isfinite(out).all())
+    assert any(p.turns for r in layout.regions for p in r.pieces)
+    sizes = list(dict.fromkeys(r.size for r in layout.regions))  # the sampler batches regions by size
+    called = [r for size in sizes for r in layout.regions if r.size == size]
+    for hint, region in zip(hints, called):
+        assert torch.equal(hint[0], gather(canvas_hint, region.scaled(8))[0].to(hint.dtype))
+
+
+def test_cubemap_workflow_nodes_decode_without_seams_and_convert(c):
+    """Sample a cubemap, decode each face inside its cube neighbours, and convert to equirectangular:
+    cube edges in the decoded strip are as smooth as the faces' interiors, unlike a plain decode."""
+    from controlsync.nodes.cubemap_to_equirect import CubemapToEquirect
+    from controlsync.nodes.loop_decode import LoopDecode
+    from controlsync.sampling.cubemap import pad_faces
+    strip = cube_strip(c)
+    plan = c.Collage.execute("cubemap", 64, 64, 64, 64, 32, "horizontal", 0, image=strip).args[0]
+    with torch.inference_mode():
+        vae = c.tm.tiny_vae()
+        latent = {"samples": sample(c, plan, strip, steps=4)}
+        cube = LoopDecode.execute(latent, vae, 4, "cubemap").args[0]
+        plain = vae.decode(latent["samples"])
+        equirect = CubemapToEquirect.execute(cube, 0).args[0]
+    assert cube.shape == plain.shape == (1, 64, 384, 3) and equirect.shape == (1, 128, 256, 3)
+
+    def edge_ratio(image):
+        """Mean jump across the cube's edges (each face grown by one pixel of its neighbours) over the mean
+        jump between neighbouring pixels inside faces."""
+        faces = pad_faces(image[0].movedim(-1, 0).double(), 1)
+        across = torch.cat([torch.cat([(f[:, 0, 1:-1] - f[:, 1, 1:-1]), (f[:, -1, 1:-1] - f[:, -2, 1:-1]),
+                                       (f[:, 1:-1, 0] - f[:, 1:-1, 1]), (f[:, 1:-1, -1] - f[:, 1:-1, -2])], -1)
+                            for f in faces], -1).abs().mean()
+        inside = torch.cat([(f[:, 1:-1, 2:-1] - f[:, 1:-1, 1:-2]).abs().flatten() for f in faces]).mean()
+        return (across / inside).item()
+
+    ratios = edge_ratio(cube), edge_ratio(plain)
+    print(f"[collage] cubemap edge score (across cube edges / inside faces): cube decode {ratios[0]:.2f}, "
+          f"plain decode {ratios[1]:.2f}")
+    assert ratios[0] < 1.5 and ratios[0] < ratios[1]
+
+
+def test_bad_cubemap_inputs_name_the_input(c):
+    from controlsync.nodes.cubemap_to_equirect import CubemapToEquirect
+    from controlsync.nodes.equirect_to_cubemap import EquirectToCubemap
+    from controlsync.nodes.loop_decode import LoopDecode
+    with pytest.raises(ValueError, match="width / height: cubemap faces must be square; got a 512x256"):
+        c.Collage.execute("cubemap", 512, 256, 256, 256, 128, "horizontal", 0)
+    with pytest.raises(ValueError, match="image: a cubemap canvas is a strip of 6 square faces"):
+        c.Collage.execute("cubemap", 64, 64, 64, 64, 32, "horizontal", 0, image=c.image)
+    with pytest.raises(ValueError, match="window_height must equal the face size"):
+        c.Collage.execute("cubemap", 64, 64, 64, 32, 32, "horizontal", 0)
+    with pytest.raises(ValueError, match="image: an equirectangular image is twice as wide as high"):
+        EquirectToCubemap.execute(c.image, 64)
+    with pytest.raises(ValueError, match="image: a cubemap is a strip of 6 square faces"):
+        CubemapToEquirect.execute(c.image, 0)
+    with pytest.raises(ValueError, match="samples: a cubemap is a strip"):
+        LoopDecode.execute({"samples": torch.zeros(1, 4, 8, 32)}, None, 4, "cubemap")

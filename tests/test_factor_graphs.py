@@ -7,7 +7,7 @@ import torch
 from comfy_host import load_sampling
 
 S = load_sampling()
-from controlsync_sampling.factor_graphs import FactorGraphPlan  # noqa: E402
+from controlsync_sampling.collage import FactorGraphPlan  # noqa: E402
 
 
 def coefficient_sums(plan):

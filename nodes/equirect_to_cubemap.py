@@ -1,0 +1,41 @@
+"""EquirectToCubemap: an equirectangular condition (or photo) as the cubemap strip the cubemap graph samples."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..sampling import PlanError
+from ..sampling.cubemap import equirect_to_cube
+
+
+class EquirectToCubemap(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ControlSyncEquirectToCubemap",
+            display_name="Equirectangular to Cubemap (ControlSync)",
+            category="sampling/controlsync",
+            description="Turns an equirectangular 360 image (a depth, line-art or segmentation condition, or a "
+                        "photo) into a cubemap strip of 6 square faces (left, front, right, back, up, down): the "
+                        "canvas of Factor Graph Collage's 'cubemap' graph, ready for Apply ControlNet.",
+            inputs=[
+                io.Image.Input("image", tooltip="An equirectangular image, twice as wide as high (360 x 180 degrees)."),
+                io.Int.Input("face_size", default=512, min=64, max=8192, step=8,
+                             tooltip="Side of each cube face in pixels: the cubemap graph's face size (512 for SD1.5 "
+                                     "windows of one face)."),
+            ],
+            outputs=[io.Image.Output(tooltip="The cubemap strip, 6 faces wide.")],
+        )
+
+    @classmethod
+    def execute(cls, image, face_size=512) -> io.NodeOutput:
+        h, w = image.shape[1:3]
+        if abs(w - 2 * h) > 1:
+            raise ValueError(f"image: an equirectangular image is twice as wide as high (360 x 180 degrees); got "
+                             f"{w}x{h}. Pad or resize it to {2 * h}x{h}.")
+        if face_size % 8:
+            raise ValueError(f"face_size: must be a multiple of 8 px (a latent cell), got {face_size}")
+        try:
+            strip = equirect_to_cube(image.movedim(-1, 1).float(), face_size)
+        except PlanError as e:
+            raise ValueError(str(e)) from None
+        return io.NodeOutput(strip.movedim(1, -1).clamp(0, 1))

@@ -1,0 +1,93 @@
+"""FactorGraphCollage's plan: a DiffCollage factor graph over a canvas, as the user gives it in pixels."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .conditioning import VARIABLE_PROMPTS, region_prompts
+from .cubemap import cubemap_plan, with_face_prompts
+from .factor_graphs import chain_factors, cycle_factors, factor_region_plan, grid_factors
+from .plans import PlanError, RegionPlan, _cells
+
+GRAPHS = ("chain", "cycle", "grid", "cubemap")
+
+
+@dataclass(frozen=True)
+class FactorGraphPlan:
+    """A DiffCollage factor graph over a canvas, in pixels (sampled through the WINDOW_PLAN socket)."""
+    graph: str
+    canvas_px: tuple[int, int]
+    window_px: tuple[int, int]
+    overlap_px: int
+    direction: str = "horizontal"   # chains: horizontal or vertical
+    anchor: int = 0
+    factor_prompts: tuple = ()      # one text embedding per factor (empty: the sampler's positive prompt)
+    variable_prompt: str = "mean"   # overlaps: mean of their factors' embeddings, or the null prompt
+    null_prompt: object = None      # the empty prompt's embedding, for variable_prompt "null"
+
+    def __post_init__(self):
+        if self.graph not in GRAPHS:
+            raise PlanError(f"graph must be one of {GRAPHS}, got {self.graph!r}")
+        for value, name in ((self.canvas_px[0], "height"), (self.canvas_px[1], "width"),
+                            (self.window_px[0], "window_height"), (self.window_px[1], "window_width")):
+            if value <= 0 or value % 8:
+                raise PlanError(f"{name} must be a positive multiple of 8 px, got {value}")
+        if self.overlap_px < 0 or self.overlap_px % 8:
+            raise PlanError(f"overlap must be a multiple of 8 px and >= 0, got {self.overlap_px}")
+        for window, canvas, name in zip(self.window_px, self.canvas_px, ("window_height", "window_width")):
+            if window > canvas:
+                raise PlanError(f"{name} = {window} px is larger than the canvas ({canvas} px): the graph is too small "
+                                f"for the window")
+        if self.graph == "cubemap":
+            face = self.canvas_px[0]
+            if self.canvas_px[1] != 6 * face:
+                raise PlanError(f"cubemap: the canvas is a strip of 6 square faces, 6 times as wide as high; got "
+                                f"{self.canvas_px[1]}x{face} px")
+            if self.window_px[0] != face:
+                raise PlanError(f"cubemap: window_height must equal the face size ({face} px): each loop of faces is "
+                                f"one face high; got {self.window_px[0]}")
+        if self.graph == "grid":
+            along = min(self.window_px)
+        else:
+            along = self.window_px[0] if (self.graph == "chain" and self.direction == "vertical") else self.window_px[1]
+        if self.variable_prompt not in VARIABLE_PROMPTS:
+            raise PlanError(f"variable prompts must be one of {VARIABLE_PROMPTS}, got {self.variable_prompt!r}")
+        if self.overlap_px >= along:
+            raise PlanError(f"overlap = {self.overlap_px} px must be smaller than the window ({self.window_px[1]}x"
+                            f"{self.window_px[0]} px)")
+
+    def layout(self, latent_hw: tuple[int, int], factor: int = 8, multiple: int = 1) -> RegionPlan:
+        H, W = latent_hw
+        if (H * factor, W * factor) != tuple(self.canvas_px):
+            raise PlanError(
+                f"the latent is {W * factor}x{H * factor} px but the factor graph was made for a "
+                f"{self.canvas_px[1]}x{self.canvas_px[0]} px canvas: give FactorGraphCollage the same size")
+        window = tuple(_cells(v, factor, multiple, n) for v, n in zip(self.window_px, ("window_height", "window_width")))
+        overlap = _cells(self.overlap_px, factor, 1, "overlap") if self.overlap_px else 0
+        if self.graph == "cubemap":
+            return self._cubemap_layout(H, window[1], overlap)
+        if self.graph == "chain":
+            boxes = chain_factors((H, W), window, overlap, 0 if self.direction == "vertical" else 1)
+        elif self.graph == "cycle":
+            boxes = cycle_factors((H, W), window, overlap)
+        else:
+            boxes = grid_factors((H, W), window, overlap)
+        if self.anchor >= len(boxes):
+            raise PlanError(f"anchor {self.anchor} is past the last factor ({len(boxes)} factors)")
+        plan = factor_region_plan((H, W), boxes, wrap_x=self.graph == "cycle", anchor=self.anchor)
+        if not self.factor_prompts:
+            return plan
+        if len(self.factor_prompts) != len(boxes):
+            raise PlanError(f"prompts: {len(self.factor_prompts)} prompts for {len(boxes)} factors - give one per factor")
+        return replace(plan, prompts=region_prompts(list(self.factor_prompts), plan.factors_of, self.variable_prompt,
+                                                    self.null_prompt))
+
+    def _cubemap_layout(self, face: int, window: int, overlap: int) -> RegionPlan:
+        plan = cubemap_plan(face, window, overlap, self.anchor)
+        return with_face_prompts(plan, list(self.factor_prompts)) if self.factor_prompts else plan
+
+    def factor_count(self, latent_hw: tuple[int, int], factor: int = 8) -> int:
+        """How many prompts 'per factor' takes: one per factor (a cubemap: one per face)."""
+        if self.graph == "cubemap":
+            return 6
+        plan = replace(self, factor_prompts=()).layout(latent_hw, factor)
+        return sum(1 for i, f in enumerate(plan.factors_of) if f == (i,))

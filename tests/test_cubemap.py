@@ -1,0 +1,144 @@
+"""360 cubemaps: cube geometry, the hierarchical factor graph and equirectangular conversion (plain torch)."""
+import math
+
+import pytest
+import torch
+
+from comfy_host import load_sampling
+
+S = load_sampling()
+from controlsync_sampling import cubemap as cm  # noqa: E402
+from controlsync_sampling.collage import FactorGraphPlan  # noqa: E402
+
+
+def strip_of_ids(size):
+    return torch.arange(size * 6 * size, dtype=torch.float64).view(size, 6 * size)
+
+
+def test_faces_continue_across_every_cube_edge():
+    """A face grown by one cell shows, in its margin, exactly the neighbouring face's edge cells."""
+    size = 5
+    ids = strip_of_ids(size)
+    padded = cm.pad_faces(ids, 1)
+    face = lambda f: ids[:, f * size:(f + 1) * size]  # noqa: E731
+    for f in range(6):
+        assert torch.equal(padded[f][1:-1, 1:-1], face(f))
+    L, F, R, B, U, D = range(6)
+    # the horizon ring continues left to right; up meets front's top row, down its bottom row
+    assert torch.equal(padded[F][1:-1, -1], face(R)[:, 0]) and torch.equal(padded[F][1:-1, 0], face(L)[:, -1])
+    assert torch.equal(padded[B][1:-1, -1], face(L)[:, 0])
+    assert torch.equal(padded[F][0, 1:-1], face(U)[-1]) and torch.equal(padded[F][-1, 1:-1], face(D)[0])
+    # margins show only faces' edge cells, each once, except the 4 corner cells of each face (on two edges)
+    seen = torch.cat([torch.cat([p[0, 1:-1], p[-1, 1:-1], p[1:-1, 0], p[1:-1, -1]]) for p in padded])
+    edge = torch.zeros(size, size, dtype=torch.bool)
+    edge[0], edge[-1], edge[:, 0], edge[:, -1] = True, True, True, True
+    edge_ids = set(torch.cat([face(f)[edge] for f in range(6)]).tolist())
+    assert set(seen.tolist()) == edge_ids and len(seen) == len(edge_ids) + 24
+
+
+@pytest.mark.parametrize("ring", list(cm.RINGS))
+def test_each_loop_is_a_seamless_strip_of_four_faces(ring):
+    """Laid out with their quarter turns, each face's right margin is the next face's left column,
+    around the whole loop (the last back to the first)."""
+    size = 4
+    ids = strip_of_ids(size)
+    padded = cm.pad_faces(ids, 1)
+    faces = cm.RINGS[ring]
+    for (f, k), (g, kg) in zip(faces, faces[1:] + faces[:1]):
+        right_margin = torch.rot90(padded[f], k, dims=(0, 1))[1:-1, -1]
+        next_left = torch.rot90(ids[:, g * size:(g + 1) * size], kg, dims=(0, 1))[:, 0]
+        assert torch.equal(right_margin, next_left)
+
+
+def test_each_face_is_shared_by_its_two_loops_with_weights_summing_to_one():
+    """The cube decode blends each face from its two loops; at the edges a loop crosses it takes all."""
+    n = 6
+    for f in range(6):
+        shares = [torch.rot90(cm.crossing_weight(n, torch.float64), -k, dims=(0, 1))
+                  for ring in cm.RINGS.values() for g, k in ring if g == f]
+        assert len(shares) == 2
+        assert torch.allclose(shares[0] + shares[1], torch.ones(n, n, dtype=torch.float64), atol=1e-12)
+        for s in shares:  # each loop owns one pair of opposite edges outright
+            edges = (s[1:-1, 0], s[1:-1, -1], s[0, 1:-1], s[-1, 1:-1])
+            owned = [bool((e == 1).all()) for e in edges]
+            assert owned in ([True, True, False, False], [False, False, True, True])
+
+
+@pytest.mark.parametrize("face,window,overlap", [(8, 8, 4), (8, 16, 8), (16, 8, 4), (8, 8, 0), (64, 48, 16), (64, 64, 32)])
+def test_cubemap_coefficients_sum_to_one_and_merge_is_consistent(face, window, overlap):
+    plan = cm.cubemap_plan(face, window, overlap)
+    total = torch.zeros(plan.canvas, dtype=torch.float64)
+    for region, c in zip(plan.regions, plan.coefficients):
+        S.scatter_add(total, region, torch.full(region.size, c, dtype=torch.float64))
+    assert plan.canvas == (face, 6 * face)
+    assert torch.equal(total, torch.ones_like(total))
+    # regions that all see one canvas give back that canvas: every turned piece goes back where it came from
+    x = torch.randn(2, 3, *plan.canvas, dtype=torch.float64)
+    assert torch.allclose(S.merge(plan, [S.gather(x, r) for r in plan.regions]), x, atol=1e-12)
+    assert len(set(plan.regions)) == len(plan.regions)  # coinciding regions were merged
+    assert any(p.turns for r in plan.regions for p in r.pieces)
+
+
+def test_papers_cubemap_graph_counts():
+    """Face-sized windows at half overlap: 8 windows and 8 half-face overlaps per loop; the windows lying
+    exactly on a face as a face pair sees it (unturned) cancel against that pair's -1."""
+    plan = cm.cubemap_plan(64, 64, 32)
+    windows = [r for r, c in zip(plan.regions, plan.coefficients) if c > 0]
+    halves = [r for r in plan.regions if r.size == (64, 32)]
+    assert len(windows) == 24 - 5 and len(halves) == 24
+    assert plan.factors_of[plan.anchor] == (plan.anchor,)
+
+
+def test_cubemap_region_pieces_are_views_of_the_cube():
+    """A window straddling two faces of a loop, gathered from the strip, is the loop's strip there."""
+    size = 4
+    ids = strip_of_ids(size)
+    for ring, faces in cm.RINGS.items():
+        ring_strip = torch.cat([torch.rot90(ids[:, f * size:(f + 1) * size], k, dims=(0, 1)) for f, k in faces], dim=1)
+        for x in range(0, 4 * size, 2):
+            box = S.rect_region(0, x, size, size, (size, 4 * size))
+            region = cm._on_cube(ring, size, box)
+            assert torch.equal(S.gather(ids, region), S.gather(ring_strip, box))
+
+
+def test_equirectangular_round_trip():
+    size = 32
+    c = cm._cell_centres(size, size)
+    v, u = torch.meshgrid(c, c, indexing="ij")
+    strip = torch.cat([(lambda d: (d / d.norm(dim=-1, keepdim=True)).movedim(-1, 0))(cm.face_direction(f, u, v))
+                       for f in range(6)], dim=-1).float()
+    eq = cm.cube_to_equirect(strip[None])[0]
+    h = eq.shape[-2]
+    lat = math.pi / 2 - (torch.arange(h) + 0.5) / h * math.pi
+    lon = (torch.arange(2 * h) + 0.5) / (2 * h) * 2 * math.pi - math.pi
+    lat, lon = torch.meshgrid(lat, lon, indexing="ij")
+    truth = torch.stack([lat.cos() * lon.sin(), lat.sin(), lat.cos() * lon.cos()])
+    assert eq.shape == (3, 64, 128)
+    err_eq = (eq - truth).abs().max().item()
+    err_cube = (cm.equirect_to_cube(truth.float()[None], size)[0] - strip).abs().max().item()
+    print(f"[cubemap] direction field: cube -> equirect max error {err_eq:.1e}, equirect -> cube {err_cube:.1e}")
+    assert err_eq < 1e-2 and err_cube < 2e-3
+    # front at the centre, up at the top
+    assert eq[2, 32, 64] > 0.99 and eq[1, 0, 5] > 0.99
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(canvas_px=(512, 2048)), "strip of 6 square faces"),
+    (dict(window_px=(256, 512)), "window_height must equal the face size"),
+    (dict(window_px=(512, 384), overlap_px=64), "whole number, at least 3, of window - overlap"),
+    (dict(anchor=30), "anchor 30 is past the last window"),
+])
+def test_bad_cubemaps(kwargs, needle):
+    args = dict(graph="cubemap", canvas_px=(512, 3072), window_px=(512, 512), overlap_px=256) | kwargs
+    with pytest.raises(S.PlanError, match=needle):
+        FactorGraphPlan(**args).layout(tuple(v // 8 for v in args["canvas_px"]), 8)
+
+
+def test_face_prompts_follow_the_faces():
+    prompts = [torch.full((1, 2, 3), float(f)) for f in range(6)]
+    plan = FactorGraphPlan("cubemap", (64, 384), (64, 64), 32, factor_prompts=tuple(prompts)).layout((8, 48), 8)
+    for index, region in enumerate(plan.regions):
+        faces = cm.face_cells(plan, index)
+        assert torch.equal(plan.prompts[index], torch.full((1, 2, 3), sum(faces) / len(faces)))
+    with pytest.raises(S.PlanError, match="one prompt per face"):
+        FactorGraphPlan("cubemap", (64, 384), (64, 64), 32, factor_prompts=tuple(prompts[:5])).layout((8, 48), 8)
