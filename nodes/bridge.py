@@ -15,7 +15,7 @@ import functools
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -23,11 +23,15 @@ import comfy.conds
 import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
+import comfy.sample
+import comfy.sampler_helpers
 import comfy.samplers
 import comfy.utils
 import folder_paths
+import latent_preview
 
 from ..sampling import Merger, PlanError, gather
+from ..sampling.conditional import autoregressive_order, reconstruction_correction, scatter_set
 from ..sampling.perceptual import build_lpips, find_backbone, hub_checkpoints
 from ..sampling.sync import SyncSchedule, fold_update, lpips_input, step_index, sync_deltas, window_sync_gradient
 
@@ -54,6 +58,15 @@ class WindowedConfig:
     plan: object          # anything with .layout(latent_hw, factor, multiple) -> RegionPlan
     window_batch: int     # windows per model call; 0 = as many as memory allows
     sync: SyncSettings | None = None
+    focus: tuple | None = None   # (canvas latent shape, region index): sample only that region's latent
+
+    @property
+    def reconstruction(self) -> float | None:
+        """The Reconstruction weight when the plan keeps known pixels that way, else None (Replacement:
+        ComfyUI's noise mask)."""
+        if getattr(self.plan, "known_pixels", "replacement") != "reconstruction":
+            return None
+        return float(self.plan.reconstruction_weight)
 
 
 def latent_geometry(model) -> tuple[int, int]:
@@ -87,13 +100,13 @@ def refuse_unsupported(model_options: dict) -> None:
                          "one device. Remove the multi-GPU node for this sampler.")
 
 
-def windowed_model(model, plan, window_batch: int = 0, sync: SyncSettings | None = None):
+def windowed_model(model, plan, window_batch: int = 0, sync: SyncSettings | None = None, focus=None):
     """A clone of `model` whose sampling runs the plan's windows; `model` itself is untouched."""
     refuse_unsupported(model.model_options)
     if model.get_wrappers(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY):
         raise ValueError("model: this MODEL already carries a ControlSync window plan (from ControlSync Windowed "
                          "Model); connect the original MODEL instead of windowing it twice.")
-    config = WindowedConfig(plan, int(window_batch), sync)
+    config = WindowedConfig(plan, int(window_batch), sync, focus)
     clone = model.clone()
     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
                                functools.partial(_outer_sample, config))
@@ -102,12 +115,51 @@ def windowed_model(model, plan, window_batch: int = 0, sync: SyncSettings | None
     return clone
 
 
-def _outer_sample(config, executor, *args, **kwargs):
+def sample_autoregressive(model, plan, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                          denoise=1.0):
+    """The autoregressive baseline: one window after another, each a full KSampler run of its own that
+    outpaints from the cells known so far (the user's noise mask, then the windows done), kept by
+    Replacement (ComfyUI's noise mask) or Reconstruction as the plan says. Same canvas noise as a joint run."""
+    samples = latent["samples"]
+    layout = layout_for(plan, model, samples.shape)
+    canvas = comfy.sample.fix_empty_latent_channels(model, samples).clone()
+    noise = comfy.sample.prepare_noise(canvas, seed, latent.get("batch_index"))
+    mask = latent.get("noise_mask")
+    known = torch.zeros(canvas.shape[-2:], dtype=torch.bool)
+    if mask is not None:
+        mask = comfy.sampler_helpers.prepare_mask(mask, canvas.shape, "cpu")
+        known = (mask < 0.5).all(dim=0).all(dim=0)
+    for i in autoregressive_order(layout, known):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        region = layout.regions[i]
+        window_mask = (~gather(known, region)).to(canvas.dtype).expand(canvas.shape[0], 1, *region.size)
+        windowed = windowed_model(model, plan, 1, focus=(tuple(canvas.shape), i))
+        out = comfy.sample.sample(windowed, gather(noise, region), steps, cfg, sampler_name, scheduler, positive,
+                                  negative, gather(canvas, region).contiguous(), denoise=denoise,
+                                  noise_mask=window_mask if bool((window_mask < 1).any()) else None, seed=seed,
+                                  callback=latent_preview.prepare_callback(windowed, steps),
+                                  disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
+        scatter_set(canvas, region, out.to(canvas.dtype))
+        scatter_set(known, region, torch.ones(region.size, dtype=torch.bool))
+    out = latent.copy()
+    out.pop("noise_mask", None)  # already applied: every window kept the known cells
+    out["samples"] = canvas
+    return out
+
+
+def _outer_sample(config, executor, noise, latent_image, sampler, sigmas, denoise_mask=None, *args, **kwargs):
     run = _Run(config)
     run.cfg = getattr(executor.class_obj, "cfg", None)
+    if config.reconstruction is not None and denoise_mask is not None:
+        # Reconstruction instead of ComfyUI's Replacement: keep the mask (1 = to generate) for the
+        # guidance and sample without it
+        base = executor.class_obj.model_patcher.model
+        mask = comfy.sampler_helpers.prepare_mask(denoise_mask, noise.shape, noise.device)
+        run.known = (base.process_latent_in(latent_image.to(noise.device)), 1.0 - mask)
+        denoise_mask = None
     token = _run_state.set(run)
     try:
-        return executor(*args, **kwargs)
+        return executor(noise, latent_image, sampler, sigmas, denoise_mask, *args, **kwargs)
     except BaseException:
         # ComfyUI resets the user's ControlNets (pre-run state, cached hints) only after a successful
         # run; on errors and Cancel we do it too, so they are left exactly as before the run.
@@ -141,21 +193,26 @@ def _calc_cond_batch(config, executor, model, conds, x_in, timestep, model_optio
         if synced is not None:
             weight, sigma, r = synced
             deltas = run.sync_deltas(executor, model, conds, x_in, timestep, model_options, weight, sigma)
+        corrections = {}
+        if run.known is not None:
+            corrections = run.reconstruction_corrections(executor, model, conds, x_in, timestep, model_options)
         mergers = [None] * len(conds)
         for batch in run.batches(model, plan, conds, x_in):
             comfy.model_management.throw_exception_if_processing_interrupted()
-            regions = [plan.regions[i] for i in batch]
-            x_w = stack_regions(x_in, regions, x_in.shape[0])
+            x_w = run.view(x_in, batch)
             if deltas is not None:
                 x_w = x_w - torch.cat([deltas[i] for i in batch])
             t_w = timestep if len(batch) == 1 else timestep.repeat(len(batch))
             conds_w = [None if c is None else run.window_conds(c, batch, x_in, positive=ci == 0) for ci, c in enumerate(conds)]
             outs = executor(model, conds_w, x_w, t_w, model_options, *args, **kwargs)
+            if run.config.focus is not None:  # one region, which is the whole latent
+                return [out - corrections.get(0, 0.0) for out in outs]
             for ci, out in enumerate(outs):
                 if mergers[ci] is None:
                     mergers[ci] = Merger(plan, out[:x_in.shape[0]].new_zeros(x_in.shape))
                 for i, part in zip(batch, out.chunk(len(batch))):
-                    mergers[ci].add(i, part)
+                    # the same shift of cond and uncond shifts the CFG result by it
+                    mergers[ci].add(i, part - corrections[i] if i in corrections else part)
         outs = [m.result() for m in mergers]
         if deltas is not None:
             moved = Merger(plan, deltas[0].new_zeros(x_in.shape))
@@ -184,13 +241,29 @@ class _Run:
         self.config = config
         self.cfg = None
         self.plan = None
+        self.known = None         # Reconstruction: (known latent, 1 on known cells), as the sampled latent
         self.canvas_hints = {}    # id(control) -> (control, canvas-sized hint, px per cell)
         self.controls = {}        # (id(control), windows) -> (control, chain copy)
 
     def layout(self, model, x_in):
-        if self.plan is None or self.plan.canvas != tuple(x_in.shape[-2:]):
+        focus = self.config.focus
+        if focus is not None:  # the latent is one region of a larger canvas: conds are cropped from that canvas
+            if self.plan is None:
+                full = layout_for(self.config.plan, model, focus[0])
+                i = focus[1]
+                self.plan = replace(full, regions=(full.regions[i],), coefficients=(1.0,), anchor=0, factors_of=(),
+                                    prompts=(full.prompts[i],) if full.prompts else ())
+            if tuple(x_in.shape[-2:]) != self.plan.regions[0].size:
+                raise ValueError(f"latent_image: {tuple(x_in.shape[-2:])} is not the size of the window it samples")
+        elif self.plan is None or self.plan.canvas != tuple(x_in.shape[-2:]):
             self.plan = layout_for(self.config.plan, model, x_in.shape)
         return self.plan
+
+    def view(self, t, batch):
+        """The regions of `batch` cut out of a latent-sized tensor (a focused run's latent is its region)."""
+        if self.config.focus is not None:
+            return t
+        return stack_regions(t, [self.plan.regions[i] for i in batch], t.shape[0])
 
     def batches(self, model, plan, conds, x_in):
         """Runs of region indices to denoise in one model call; only regions of one size batch together
@@ -318,16 +391,49 @@ class _Run:
         sigma = float(schedule[index])
         return weight, sigma, float(schedule[index + 1]) / sigma
 
-    def sync_deltas(self, executor, model, conds, x_in, timestep, model_options, weight, sigma):
-        """Every window's gradient step toward the anchor, one window's graph at a time."""
-        sync, plan = self.config.sync, self.plan
+    @contextlib.contextmanager
+    def differentiable_denoiser(self, executor, model, conds, x_in, timestep, model_options, extra_modules=()):
+        """denoise(i, x): region i's CFG x0-prediction at x, differentiable in x (inside inference mode)."""
         grad_options = comfy.model_patcher.create_model_options_clone(model_options)
         patches = grad_options.setdefault("transformer_options", {}).setdefault("patches", {})
         # ControlNet residuals are added in place (h += ctrl) to skip tensors that the next block saved
         # for backward; a copy after the skip connection keeps the saved tensor intact
         patches["input_block_patch_after_skip"] = list(patches.get("input_block_patch_after_skip", [])) + [_copy_after_skip]
+        if self.cfg is None:
+            raise ValueError("plan/sync: gradient guidance needs the guider's cfg scale; use ControlSync Sampler, "
+                             "KSampler or CFGGuider with the windowed model")
+
+        def denoise(i, x):
+            conds_w = [None if c is None else self.window_conds(c, (i,), x_in, positive=ci == 0)
+                       for ci, c in enumerate(conds)]
+            outs = executor(model, conds_w, x, timestep, grad_options)
+            return comfy.samplers.cfg_function(model, outs[0], outs[1], self.cfg, x, timestep,
+                                               model_options=grad_options, cond=conds_w[0], uncond=conds_w[1])
+
+        with autograd_through([model.diffusion_model] + _control_modules(conds) + list(extra_modules)):
+            yield denoise
+
+    def reconstruction_corrections(self, executor, model, conds, x_in, timestep, model_options):
+        """DiffCollage's Reconstruction: for every region holding known cells, (w / 2) grad ||H D - y||^2,
+        one region's graph at a time."""
+        known, mask = self.known
+        weight, out = self.config.reconstruction, {}
+        with self.differentiable_denoiser(executor, model, conds, x_in, timestep, model_options) as denoise:
+            for i in range(len(self.plan.regions)):
+                m = self.view(mask, (i,))
+                if not bool(m.any()):
+                    continue
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                # clones: tensors made in inference mode cannot be saved for backward
+                out[i], _ = reconstruction_correction(self.view(x_in, (i,)), functools.partial(denoise, i),
+                                                        self.view(known, (i,)).clone(), m.clone(), weight)
+        return out
+
+    def sync_deltas(self, executor, model, conds, x_in, timestep, model_options, weight, sigma):
+        """Every window's gradient step toward the anchor, one window's graph at a time."""
+        sync, plan = self.config.sync, self.plan
         vae = sync.vae
-        modules = [model.diffusion_model] + _control_modules(conds)
+        modules = []
         if sync.loss_decoder == "taesd":
             taesd = load_taesd(model.latent_format, x_in.device)
             device, loss_dtype = x_in.device, torch.float32
@@ -336,15 +442,8 @@ class _Run:
             modules.append(vae.first_stage_model)
             # LPIPS in float32 (float64 when the VAE runs in float64: exact gradient checks)
             device, loss_dtype = vae.device, (torch.float64 if vae.vae_dtype == torch.float64 else torch.float32)
-        with autograd_through(modules):
+        with self.differentiable_denoiser(executor, model, conds, x_in, timestep, model_options, modules) as denoise:
             loss_net = load_lpips(sync.loss_net, device, loss_dtype)
-
-            def denoise(i, x):
-                conds_w = [None if c is None else self.window_conds(c, (i,), x_in, positive=ci == 0)
-                           for ci, c in enumerate(conds)]
-                outs = executor(model, conds_w, x, timestep, grad_options)
-                return comfy.samplers.cfg_function(model, outs[0], outs[1], self.cfg, x, timestep,
-                                                   model_options=grad_options, cond=conds_w[0], uncond=conds_w[1])
 
             def decode(x0):
                 if sync.loss_downscale > 1:

@@ -22,7 +22,22 @@ def window_batch_input():
 def check_plan_fits(model, plan, latent):
     """Fail at the node, naming the input, before any sampling starts; returns the latent layout."""
     bridge.refuse_unsupported(model.model_options)
-    return bridge.layout_for(plan, model, latent["samples"].shape)
+    layout = bridge.layout_for(plan, model, latent["samples"].shape)
+    mask = latent.get("noise_mask")
+    if mask is not None:
+        check_mask_fits(tuple(mask.shape[-2:]), layout.canvas, bridge.latent_geometry(model)[0])
+    return layout
+
+
+def check_mask_fits(mask_hw, canvas, factor) -> None:
+    """ComfyUI stretches a noise mask to the latent: refuse one that would land a latent cell or more
+    away from where it was drawn (a mask made for another canvas)."""
+    (mh, mw), (h, w) = mask_hw, canvas
+    off = max(abs(mh * w / mw - h), abs(mw * h / mh - w))  # in latent cells
+    if off >= 1:
+        raise ValueError(f"latent_image: its noise mask is {mw}x{mh} but the canvas is {w * factor}x{h * factor} px "
+                         f"({w}x{h} latent cells): the mask would be stretched onto the wrong pixels. Make the mask "
+                         f"at the canvas size (e.g. Pad Image for Outpainting on the canvas-sized image).")
 
 
 class ControlSyncSampler(io.ComfyNode):
@@ -70,6 +85,12 @@ class ControlSyncSampler(io.ComfyNode):
             logging.warning("ControlSync Sampler: the plan has one window, so AnchorSync has nothing to synchronise; "
                             "sampling without it")
             sync = None
+        if getattr(plan, "order", "joint") == "autoregressive":
+            if sync is not None:
+                logging.warning("ControlSync Sampler: AnchorSync needs the windows sampled together; the "
+                                "autoregressive order samples them one after another, so it runs without sync")
+            return io.NodeOutput(bridge.sample_autoregressive(model, plan, seed, steps, cfg, sampler_name, scheduler,
+                                                              positive, negative, latent_image, denoise))
         windowed = bridge.windowed_model(model, plan, window_batch_size, sync)
         (out,) = comfy_nodes.common_ksampler(windowed, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                              latent_image, denoise=denoise)

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 from comfy_api.latest import io
 
+from ..sampling.conditional import METHODS, ORDERS
 from ..sampling.conditioning import VARIABLE_PROMPTS, along_chain
 from ..sampling.collage import GRAPHS, FactorGraphPlan
 from .window_planner import LATENT_CELL_PX, canvas_inputs, canvas_size, plan_output, plan_outputs
@@ -67,6 +68,20 @@ class FactorGraphCollage(io.ComfyNode):
                                tooltip="What the overlaps are denoised with: the mean of their factors' prompt "
                                        "embeddings, or the empty (null) prompt."),
                 io.Clip.Input("clip", optional=True, tooltip="The text encoder for 'prompts'."),
+                io.Combo.Input("known_pixels", options=list(METHODS), default="replacement", optional=True,
+                               tooltip="Outpainting / inpainting (a latent with a noise mask, e.g. from VAE Encode + "
+                                       "Set Latent Noise Mask): how the known pixels are kept. replacement: the "
+                                       "x0-prediction is projected onto them every step (ComfyUI's noise mask). "
+                                       "reconstruction: the gradient of ||H x0 - y||^2 through the model pulls every "
+                                       "factor toward them (smoother blending; one extra backward pass per factor "
+                                       "holding known pixels)."),
+                io.Float.Input("reconstruction_weight", default=1.0, min=0.0, max=100.0, step=0.05, optional=True,
+                               tooltip="w of reconstruction: x0 - (w/2) grad ||H x0 - y||^2 (Video Diffusion Models' "
+                                       "guidance). 1 reaches the known pixels as the noise vanishes; more pulls harder."),
+                io.Combo.Input("order", options=list(ORDERS), default="joint", optional=True,
+                               tooltip="joint: DiffCollage, every factor denoised together each step (the fast, "
+                                       "coherent way). autoregressive: the paper's baseline, one factor after another, "
+                                       "each a full sampling run outpainting from the pixels known so far."),
                 *canvas_inputs(),
             ],
             outputs=plan_outputs("factors"),
@@ -74,8 +89,8 @@ class FactorGraphCollage(io.ComfyNode):
 
     @classmethod
     def execute(cls, graph, width, height, window_width, window_height, overlap, direction, anchor_index,
-                prompt_mode="one for all", prompts="", variable_prompts="mean", clip=None, image=None,
-                latent=None) -> io.NodeOutput:
+                prompt_mode="one for all", prompts="", variable_prompts="mean", clip=None, known_pixels="replacement",
+                reconstruction_weight=1.0, order="joint", image=None, latent=None) -> io.NodeOutput:
         if graph == "cubemap":
             height, width = cubemap_canvas(width, height, image, latent)
         else:
@@ -83,7 +98,8 @@ class FactorGraphCollage(io.ComfyNode):
 
         def make_plan():
             plan = FactorGraphPlan(graph, (height, width), (window_height, window_width), overlap, direction,
-                                   anchor_index, variable_prompt=variable_prompts)
+                                   anchor_index, variable_prompt=variable_prompts, known_pixels=known_pixels,
+                                   reconstruction_weight=reconstruction_weight, order=order)
             if prompt_mode == "one for all":
                 return plan
             latent_hw = (height // LATENT_CELL_PX, width // LATENT_CELL_PX)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from .conditional import METHODS, ORDERS
 from .conditioning import VARIABLE_PROMPTS, region_prompts
 from .cubemap import cubemap_plan, with_face_prompts
 from .factor_graphs import chain_factors, cycle_factors, factor_region_plan, grid_factors
@@ -23,6 +24,9 @@ class FactorGraphPlan:
     factor_prompts: tuple = ()      # one text embedding per factor (empty: the sampler's positive prompt)
     variable_prompt: str = "mean"   # overlaps: mean of their factors' embeddings, or the null prompt
     null_prompt: object = None      # the empty prompt's embedding, for variable_prompt "null"
+    known_pixels: str = "replacement"   # how a noise-masked latent's known cells are kept (METHODS)
+    reconstruction_weight: float = 1.0  # w of Reconstruction: D - (w/2) grad ||H D - y||^2
+    order: str = "joint"            # joint (DiffCollage) or autoregressive (window after window, the baseline)
 
     def __post_init__(self):
         if self.graph not in GRAPHS:
@@ -49,6 +53,12 @@ class FactorGraphPlan:
             along = min(self.window_px)
         else:
             along = self.window_px[0] if (self.graph == "chain" and self.direction == "vertical") else self.window_px[1]
+        if self.known_pixels not in METHODS:
+            raise PlanError(f"known_pixels must be one of {METHODS}, got {self.known_pixels!r}")
+        if self.order not in ORDERS:
+            raise PlanError(f"order must be one of {ORDERS}, got {self.order!r}")
+        if self.reconstruction_weight < 0:
+            raise PlanError(f"reconstruction_weight must be >= 0, got {self.reconstruction_weight}")
         if self.variable_prompt not in VARIABLE_PROMPTS:
             raise PlanError(f"variable prompts must be one of {VARIABLE_PROMPTS}, got {self.variable_prompt!r}")
         if self.overlap_px >= along:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .conditional import reconstruction_correction
 from .merge import gather, merge
 from .plans import RegionPlan
 from .sync import SyncSchedule, fold_update, sync_deltas, window_sync_gradient
@@ -88,6 +89,39 @@ def sample(world: GlobalStyleWorld, plan: RegionPlan, n: int, steps: int = 60, s
             predicted = fold_update(predicted, merge(plan, deltas), r)
         x = x + (sigmas[k + 1] - sigmas[k]) * (x - predicted) / sigmas[k]
     return x[:, 0, 0, :]
+
+
+def sample_conditional(world: GlobalStyleWorld, plan: RegionPlan, known: torch.Tensor, mask: torch.Tensor,
+                       method: str, weight: float = 1.0, steps: int = 60, seed: int = 0):
+    """Euler sampling of canvases (len(known) of them) holding `known` (N, L) where `mask` (L) is 1, jointly
+    over the plan's regions, with the pack's Replacement or Reconstruction. Returns the samples and, per
+    step, the mean of ||H x0 - y|| of the merged x0-prediction the step moves toward."""
+    sigmas = schedule(steps)
+    g = torch.Generator().manual_seed(seed)
+    y, m = _as_canvas(known), mask.to(torch.float64).view(1, 1, 1, -1)
+    x = _as_canvas(torch.randn(*known.shape, generator=g, dtype=torch.float64) * sigmas[0])
+    denoise = window_denoiser(world, plan)
+    trace = []
+    for k in range(steps):
+        sigma = float(sigmas[k])
+        predictions = []
+        for i, region in enumerate(plan.regions):
+            xw = gather(x, region)
+            d = denoise(i, xw, sigma)
+            if method == "reconstruction":
+                with torch.enable_grad():
+                    correction, _ = reconstruction_correction(xw, lambda v, i=i: denoise(i, v, sigma),
+                                                              gather(y, region), gather(m, region), weight)
+                d = d - correction
+            predictions.append(d)
+        predicted = merge(plan, predictions)
+        if method == "replacement":
+            predicted = predicted * (1 - m) + y * m
+        trace.append(float(((predicted - y) * m).flatten(1).norm(dim=1).mean()))
+        x = x + (sigmas[k + 1] - sigmas[k]) * (x - predicted) / sigmas[k]
+        if method == "replacement":  # x_t on the known cells: the known pixels noised to the next level
+            x = x * (1 - m) + (y + sigmas[k + 1] * torch.randn(x.shape, generator=g, dtype=torch.float64)) * m
+    return x[:, 0, 0, :], trace
 
 
 def sample_independent(world: GlobalStyleWorld, plan: RegionPlan, n: int, seed: int = 0) -> list[torch.Tensor]:

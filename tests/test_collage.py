@@ -290,3 +290,81 @@ def test_bad_cubemap_inputs_name_the_input(c):
         CubemapToEquirect.execute(c.image, 0)
     with pytest.raises(ValueError, match="samples: a cubemap is a strip"):
         LoopDecode.execute({"samples": torch.zeros(1, 4, 8, 32)}, None, 4, "cubemap")
+
+
+# --- conditional generation: Reconstruction and the autoregressive baselines ---------------------
+
+def outpaint_case():
+    g = torch.Generator().manual_seed(5)
+    known = torch.randn(1, 4, 8, 32, generator=g)
+    mask = torch.ones(1, 64, 256)
+    mask[:, :, 96:160] = 0.0  # known: latent columns 12..19
+    cells = torch.zeros(1, 1, 8, 32)
+    cells[..., 12:20] = 1.0
+    return known, mask, cells
+
+
+def test_reconstruction_lowers_the_known_residual_step_by_step(c):
+    """Joint DiffCollage with Reconstruction: ||H x0 - y|| of the step's x0-prediction (ComfyUI's own
+    sampler callback) falls step by step, and the result holds the known cells; no mask at all does not."""
+    import comfy.sample
+    from controlsync.nodes import bridge
+    known, mask, cells = outpaint_case()
+    plan = c.Collage.execute("chain", 2048, 512, 64, 64, 32, "horizontal", 0, known_pixels="reconstruction",
+                             image=c.image).args[0]
+    pos, neg = conds(c, c.image)
+    residuals = []
+    with torch.inference_mode():
+        y = c.model.model.process_latent_in(known)
+        out = comfy.sample.sample(bridge.windowed_model(c.model, plan, 1), comfy.sample.prepare_noise(known, 7), 6,
+                                  7.5, "euler", "normal", pos, neg, known, noise_mask=mask, seed=7,
+                                  callback=lambda i, x0, x, n: residuals.append(float(((x0 - y) * cells).norm())))
+        free = comfy.sample.sample(bridge.windowed_model(c.model, plan, 1), comfy.sample.prepare_noise(known, 7), 6,
+                                   7.5, "euler", "normal", pos, neg, known, seed=7)
+    print(f"[collage] reconstruction ||H x0 - y|| per step: {', '.join(f'{r:.3g}' for r in residuals)}")
+    assert all(b < a for a, b in zip(residuals, residuals[1:])) and residuals[-1] < 0.01 * residuals[0]
+    held, unheld = (((o - known) * cells).norm() / (known * cells).norm() for o in (out, free))
+    assert held < 1e-2 < 0.5 < unheld
+
+
+@pytest.mark.parametrize("method", ["replacement", "reconstruction"])
+def test_autoregressive_baselines_outpaint_window_after_window(c, method):
+    """Each factor is a whole sampling run outpainting from what is known: the known cells stay, every
+    cell is generated, and the joint run from the same seed differs (it is another method)."""
+    known, mask, cells = outpaint_case()
+    latent = {"samples": known, "noise_mask": mask}
+    ar = c.Collage.execute("chain", 2048, 512, 64, 64, 32, "horizontal", 0, known_pixels=method, order="autoregressive",
+                           image=c.image).args[0]
+    joint = c.Collage.execute("chain", 2048, 512, 64, 64, 32, "horizontal", 0, known_pixels=method, image=c.image).args[0]
+    out = sample(c, ar, c.image, latent=latent, steps=4)
+    assert out.shape == known.shape and bool(torch.isfinite(out).all())
+    tolerance = 1e-5 if method == "replacement" else 2e-2
+    assert ((out - known) * cells).abs().max() <= tolerance * known.abs().max()
+    assert ((out - known) * (1 - cells)).abs().mean() > 0.1
+    assert not torch.allclose(out, sample(c, joint, c.image, latent=latent, steps=4), atol=1e-3)
+
+
+def test_autoregressive_without_known_pixels_starts_at_the_first_factor(c):
+    """Nothing known: factor 0 is sampled first, alone - exactly a KSampler run on its crop of the canvas noise."""
+    import comfy.sample
+    from controlsync.nodes import bridge
+    from controlsync.sampling import gather
+    ar = c.Collage.execute("chain", 2048, 512, 64, 64, 32, "horizontal", 0, order="autoregressive", image=c.image).args[0]
+    empty = torch.zeros(1, 4, 8, 32)
+    out = sample(c, ar, c.image, latent={"samples": empty}, steps=3)
+    layout = ar.layout((8, 32), 8)
+    first = layout.regions[0]
+    pos, neg = conds(c, c.image)
+    with torch.inference_mode():
+        alone = comfy.sample.sample(bridge.windowed_model(c.model, ar, 1, focus=((1, 4, 8, 32), 0)),
+                                    gather(comfy.sample.prepare_noise(empty, 7), first), 3, 7.5, "euler", "normal",
+                                    pos, neg, gather(empty, first).contiguous(), seed=7)
+    # factor 1 overwrites the first factor's right half (Replacement keeps it there up to the sampler's last step)
+    assert torch.allclose(out[..., :4], alone[..., :4], atol=1e-5)
+
+
+def test_bad_noise_mask_names_the_input(c):
+    known, _, _ = outpaint_case()
+    plan = collage(c, "chain", c.image)
+    with pytest.raises(ValueError, match="latent_image: its noise mask is 200x64 but the canvas is 256x64 px"):
+        sample(c, plan, c.image, latent={"samples": known, "noise_mask": torch.ones(1, 64, 200)})
