@@ -416,7 +416,7 @@ class _Run:
     def reconstruction_corrections(self, executor, model, conds, x_in, timestep, model_options):
         """DiffCollage's Reconstruction: for every region holding known cells, (w / 2) grad ||H D - y||^2,
         one region's graph at a time."""
-        known, mask = self.known
+        known, mask = (t.to(x_in.device, x_in.dtype) for t in self.known)
         weight, out = self.config.reconstruction, {}
         with self.differentiable_denoiser(executor, model, conds, x_in, timestep, model_options) as denoise:
             for i in range(len(self.plan.regions)):
