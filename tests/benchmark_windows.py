@@ -1,6 +1,7 @@
 """Benchmark (not a test): ControlSyncSampler against ComfyUI's KSampler, measured side by side.
 
     ~/comfy/venv/bin/python tests/benchmark_windows.py [--channels 64] [--steps 4] [--repeats 3] [--device cpu|cuda]
+                                                      [--dtype fp32|fp16|bf16]
 
 Prints (a) the overhead of a one-window plan over KSampler, (b) batched vs sequential windows,
 (c) peak memory against window count. Runs alternate between the compared variants and report
@@ -20,6 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
 
 def setup(args):
     from comfy_host import find_host, host_version, import_host
@@ -27,6 +30,31 @@ def setup(args):
     if host is None:
         sys.exit("no ComfyUI host found (set COMFYUI_PATH or run setup_comfyui_host.sh)")
     return host, host_version(host), import_host(host, cpu=args.device == "cpu")
+
+
+def unet_controlnet(tm, dtype):
+    """tiny_models' SD1.5 UNet and ControlNet (same configs and seeds) in `dtype`, loaded by ComfyUI onto its device
+    (the GPU with --device cuda). tiny_models fixes float32 on the CPU; here the dtype goes in at construction,
+    as ComfyUI's loaders do for fp16/bf16 checkpoints (set_inference_dtype, the ControlNet's dtype)."""
+    import torch
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.ops
+    import comfy.supported_models
+    dev, cpu = comfy.model_management.get_torch_device(), torch.device("cpu")
+    config = comfy.supported_models.SD15(dict(tm.SD15_UNET))
+    config.set_inference_dtype(dtype, None)
+    unet = config.get_model({}, device="cpu")
+    tm._init_weights(unet.diffusion_model, 0)
+    cn_config = {k: v for k, v in tm.SD15_UNET.items() if k not in ("out_channels", "transformer_depth_output",
+                                                                     "use_temporal_resblock", "use_temporal_attention")}
+    net = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init, dtype=dtype,
+                                     device="cpu", **cn_config)
+    tm._init_weights(net, 1)
+    return (comfy.model_patcher.ModelPatcher(unet, load_device=dev, offload_device=cpu),
+            comfy.controlnet.ControlNet(net, load_device=dev))
 
 
 def build(args):
@@ -37,13 +65,7 @@ def build(args):
     tm.SD15_UNET.update(model_channels=args.channels, channel_mult=[1, 2, 4], num_res_blocks=[1, 1, 1],
                         transformer_depth=[1, 1, 1], transformer_depth_output=[1, 1, 1, 1, 1, 1])
     with torch.inference_mode():
-        model = tm.tiny_model(0)
-        cn = tm.tiny_controlnet(1)
-        if args.device == "cuda":
-            import comfy.model_patcher
-            dev = torch.device("cuda")
-            model = comfy.model_patcher.ModelPatcher(model.model, load_device=dev, offload_device=torch.device("cpu"))
-            cn = type(cn)(cn.control_model, load_device=dev)
+        model, cn = unet_controlnet(tm, getattr(torch, DTYPES[args.dtype]))
 
     def conds(height, width):
         with torch.inference_mode():
@@ -156,7 +178,7 @@ def bench_memory(args):
         for batch in (1, windows):
             cmd = [sys.executable, __file__, "--child", "--windows", str(windows), "--batch", str(batch),
                    "--channels", str(args.channels), "--stride", str(args.stride), "--window", str(args.window),
-                   "--device", args.device]
+                   "--device", args.device, "--dtype", args.dtype]
             out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
             line = [l for l in out.stdout.splitlines() if l.startswith("{")]
             if not line:
@@ -176,6 +198,7 @@ def main():
     p.add_argument("--stride", type=int, default=128)
     p.add_argument("--canvas-width", type=int, default=1024)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="UNet and ControlNet weights and compute")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--windows", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=0, help=argparse.SUPPRESS)
@@ -186,7 +209,8 @@ def main():
     import torch
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"device {args.device}; ComfyUI {version} at {host}")
-    print(f"model: SD1.5-architecture UNet, model_channels {args.channels}, + ControlNet; euler, {args.steps} steps, cfg 7.5")
+    print(f"model: SD1.5-architecture UNet, model_channels {args.channels}, + ControlNet ({args.dtype}); "
+          f"euler, {args.steps} steps, cfg 7.5")
     a, b, n = bench_time(args)
     print(f"\n(a) one {args.window}x{args.window} window vs KSampler (median of alternating runs)")
     for k, v in a.items():
