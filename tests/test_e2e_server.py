@@ -4,7 +4,8 @@ main host only (its synced steps backpropagate through the UNet and the VAE deco
 so do the three Factor Graph Collage workflows (collage_chain_prompts.json: a chain with a prompt per factor;
 collage_loop360.json: a cycle decoded by Loop VAE Decode, checked for a seam where its ends meet;
 collage_outpaint.json: a photo padded, encoded with its noise mask and outpainted by a chain, checked for the photo
-staying put).
+staying put; collage_cubemap360.json: an equirectangular condition turned into cube faces, a cubemap
+graph, the cube decode and the equirectangular output, checked for its wrap in longitude).
 
 The server runs on the CPU with small random-weight model files (tests/e2e_assets.py) under the
 standard names the workflow uses, and the LPIPS backbones (tests/lpips_weights.write_lpips_backbones: the real
@@ -42,12 +43,14 @@ SYNC_WORKFLOW = PACK_DIR / "workflows" / "controlsync_anchorsync.json"
 CHAIN_WORKFLOW = PACK_DIR / "workflows" / "collage_chain_prompts.json"
 LOOP_WORKFLOW = PACK_DIR / "workflows" / "collage_loop360.json"
 OUTPAINT_WORKFLOW = PACK_DIR / "workflows" / "collage_outpaint.json"
+CUBEMAP_WORKFLOW = PACK_DIR / "workflows" / "collage_cubemap360.json"
 OUTPAINT_PHOTO = PACK_DIR / "workflows" / "outpaint_photo.jpg"
 LPIPS_DIR = Path(__file__).resolve().parent / ".cache" / "lpips"  # shared with test_sync.py
 LPIPS_FILES = tuple(BACKBONE_FILES.values())
 RUNNER = PACK_DIR / "workflows" / "run_workflow.py"
 PACK_NODES = ("WindowPlanner", "ControlSyncSampler", "ControlSyncWindowedModel", "AnchorSync", "FactorGraphCollage",
-              "ControlSyncLoopDecode", "ControlSyncCoherenceReport")
+              "ControlSyncLoopDecode", "ControlSyncCubemapToEquirect", "ControlSyncEquirectToCubemap",
+              "ControlSyncCoherenceReport")
 CANVAS_W, CANVAS_H = 384, 128  # the small condition image's size: the planner takes the canvas from it
 SMALL_RUN = ["--set", "Window Planner (ControlSync).window_width=128",   # by display name
              "--set", "WindowPlanner.window_height=128",                 # by type
@@ -312,19 +315,26 @@ def _collage_prompt(server, workflow_path):
 
 
 def _check_collage_graph(prompt, by_type, decoder):
-    """What both collage workflows share: checkpoint -> prompts, collage -> sampler -> decoder -> save."""
+    """What the collage workflows share: checkpoint -> prompts, collage -> sampler -> decoder -> save."""
     ckpt, collage, sampler_id = by_type["CheckpointLoaderSimple"], by_type["FactorGraphCollage"], by_type["ControlSyncSampler"]
     sampler = prompt[sampler_id]["inputs"]
     assert sampler["model"] == [ckpt, 0] and sampler["plan"] == [collage, 0] and sampler["latent_image"] == [collage, 2]
     assert sampler["seed"] == 42 and sampler["steps"] == 50 and sampler["cfg"] == 7.5 and "sync" not in sampler
     assert (sampler["sampler_name"], sampler["scheduler"], sampler["denoise"]) == ("ddim", "ddim_uniform", 1.0)
-    positive, negative = (prompt[sampler[k][0]]["inputs"] for k in ("positive", "negative"))
+    positive, negative = (prompt[sampler[k][0]] for k in ("positive", "negative"))
+    if positive["class_type"] == "ControlNetApplyAdvanced":  # the cubemap's prompts go through Apply ControlNet
+        assert sampler["negative"] == [sampler["positive"][0], 1]
+        positive, negative = (prompt[positive["inputs"][k][0]] for k in ("positive", "negative"))
+    positive, negative = positive["inputs"], negative["inputs"]
     assert positive["clip"] == negative["clip"] == [ckpt, 1]
     assert "blurry" in negative["text"] and positive["text"]
     decode = prompt[by_type[decoder]]["inputs"]
     assert decode["samples"] == [sampler_id, 0] and decode["vae"] == [ckpt, 2]
     assert prompt[by_type["PreviewImage"]]["inputs"] == {"images": [collage, 1]}
-    assert prompt[by_type["SaveImage"]]["inputs"]["images"] == [by_type[decoder], 0]
+    saved = prompt[by_type["SaveImage"]]["inputs"]["images"]
+    if prompt[saved[0]]["class_type"] == "ControlSyncCubemapToEquirect":  # the cubemap saves the equirectangular image
+        saved = prompt[saved[0]]["inputs"]["image"]
+    assert saved == [by_type[decoder], 0]
     return prompt[collage]["inputs"], decode
 
 
@@ -397,6 +407,29 @@ def test_collage_outpaint_workflow_converts(server, capsys):
     assert prompt[by_type["SaveImage"]]["inputs"]["filename_prefix"] == "ControlSync_outpaint"
 
 
+def test_collage_cubemap_workflow_converts(server, capsys):
+    """collage_cubemap360.json: equirectangular line drawing -> cube faces -> ControlNet; a cubemap graph of 512 px
+    faces; Loop VAE Decode (cubemap) -> Cubemap to Equirectangular -> Save."""
+    announce(capsys, server, "collage cubemap conversion")
+    prompt, types, by_type = _collage_prompt(server, CUBEMAP_WORKFLOW)
+    assert sorted(types.values()) == sorted([
+        "CheckpointLoaderSimple", "CLIPTextEncode", "CLIPTextEncode", "ControlNetLoader", "LoadImage",
+        "ControlSyncEquirectToCubemap", "ControlNetApplyAdvanced", "FactorGraphCollage", "ControlSyncSampler",
+        "ControlSyncLoopDecode", "ControlSyncCubemapToEquirect", "SaveImage", "PreviewImage"])
+    collage, decode = _check_collage_graph(prompt, by_type, "ControlSyncLoopDecode")
+    assert [collage[k] for k in ("graph", "width", "height", "window_width", "window_height", "overlap", "known_pixels",
+                                 "order")] == ["cubemap", 512, 512, 512, 512, 256, "replacement", "joint"]
+    to_cube = by_type["ControlSyncEquirectToCubemap"]
+    assert prompt[to_cube]["inputs"] == {"image": [by_type["LoadImage"], 0], "face_size": 512}
+    assert collage["image"] == [to_cube, 0]
+    assert prompt[by_type["ControlNetApplyAdvanced"]]["inputs"]["image"] == [to_cube, 0]
+    assert decode["layout"] == "cubemap"
+    to_equirect = prompt[by_type["ControlSyncCubemapToEquirect"]]["inputs"]
+    assert to_equirect == {"image": [by_type["ControlSyncLoopDecode"], 0], "height": 0}
+    assert prompt[by_type["SaveImage"]]["inputs"] == {"images": [by_type["ControlSyncCubemapToEquirect"], 0],
+                                                      "filename_prefix": "ControlSync_cubemap"}
+
+
 def test_conversion_follows_reroutes_primitives_and_bypass(server):
     """What users add in the UI: a reroute, a Primitive driving the seed, a bypassed and a muted node."""
     runner = load_runner()
@@ -463,8 +496,8 @@ def test_panorama_run(server, tmp_path, capsys):
     assert preview.size == (CANVAS_W, CANVAS_H)
 
 
-def checked_run(srv, out_dir: Path, prefix: str, *extra, workflow=WORKFLOW):
-    """run_workflow, then the one saved image starting with `prefix`: canvas-sized, finite, not constant.
+def checked_run(srv, out_dir: Path, prefix: str, *extra, workflow=WORKFLOW, size=(CANVAS_W, CANVAS_H)):
+    """run_workflow, then the one saved image starting with `prefix`: `size`, finite, not constant.
     Returns (proc, path, image, pixels as float64 HxWx3, seconds)."""
     import numpy as np
     from PIL import Image
@@ -475,7 +508,7 @@ def checked_run(srv, out_dir: Path, prefix: str, *extra, workflow=WORKFLOW):
     saved = [Path(p) for p in proc.stdout.split() if Path(p).name.startswith(prefix)]
     assert len(saved) == 1, proc.stdout
     image = Image.open(saved[0])
-    assert image.size == (CANVAS_W, CANVAS_H), saved[0]
+    assert image.size == size, saved[0]
     pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
     assert np.isfinite(pixels).all()
     assert pixels.std() > 5 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100, \
@@ -601,6 +634,26 @@ def test_collage_outpaint_run(server, tmp_path, capsys):
     # sides; the sides must really be generated (> 20).
     assert photo_part < 3.0, f"the photo changed with the seed: mean |difference| {photo_part:.2f}/255 (sides {sides:.2f})"
     assert sides > 20 and photo_part < sides / 10, f"the outpainted sides barely depend on the seed: {sides:.2f}/255"
+
+
+def test_collage_cubemap_run(server, tmp_path, capsys):
+    """collage_cubemap360.json, small: the shipped equirectangular drawing as 64 px cube faces, windows of a face
+    overlapping by half, 2 steps: the saved equirectangular image is 256x128 and wraps in longitude (its left and
+    right edges meet inside the back face, which the cube decode decodes in one piece). Main host only (CPU time)."""
+    if server.kind != "main":
+        pytest.skip("the cubemap run is checked on the main host only (CPU time)")
+    announce(capsys, server, "collage cubemap run")
+    small = ["--set", "ControlSyncEquirectToCubemap.face_size=64", "--set", "FactorGraphCollage.width=64",
+             "--set", "FactorGraphCollage.height=64", "--set", "FactorGraphCollage.window_width=64",
+             "--set", "FactorGraphCollage.window_height=64", "--set", "FactorGraphCollage.overlap=32",
+             "--set", "ControlSyncSampler.steps=2", "--set", "ControlSyncLoopDecode.wrap_cells=4"]
+    _, path, image, pixels, elapsed = checked_run(server, tmp_path, "ControlSync_cubemap", *small,
+                                                  workflow=CUBEMAP_WORKFLOW, size=(256, 128))
+    seam = seam_score(pixels)
+    with capsys.disabled():
+        print(f"[e2e] {server.describe()}: cubemap of 64 px faces -> 256x128 equirectangular, 2 steps in "
+              f"{elapsed:.1f}s; seam score at the longitude wrap {seam:.2f} -> {path}")
+    assert seam < 2.0, f"the equirectangular image shows a seam where longitude wraps: {seam:.2f} ({path})"
 
 
 def test_errors_are_reported(server, tmp_path, capsys):
