@@ -51,7 +51,8 @@ class FactorGraphCollage(io.ComfyNode):
                                      "the canvas height; cubemaps to the face size."),
                 io.Int.Input("overlap", default=256, min=0, max=16384, step=8,
                              tooltip="Pixels shared by neighbouring factors (the DiffCollage paper: half a window). For "
-                                     "a loop the canvas width (a cubemap: 4 faces) must be a multiple of window_width - overlap."),
+                                     "a loop the canvas width (a cubemap: 4 faces) must be a multiple of window_width - overlap. Above 0 "
+                                     "whenever there are several factors: the overlaps are what ties them together."),
                 io.Combo.Input("direction", options=["horizontal", "vertical"], default="horizontal",
                                tooltip="Chains only: left to right, or top to bottom."),
                 io.Int.Input("anchor_index", default=0, min=0, max=100000,

@@ -51,6 +51,7 @@ def factor_region_plan(canvas: tuple[int, int], factors: list[Box], wrap_x: bool
     sets = {cellset(b): b for b in factors}
     if len(sets) != len(factors):
         raise PlanError("two factors cover the same cells")
+    check_connected([cellset(b) for b in factors])
     frontier = list(sets)
     while frontier:  # close the family under intersection
         new = []
@@ -74,7 +75,26 @@ def factor_region_plan(canvas: tuple[int, int], factors: list[Box], wrap_x: bool
         regions.append(rect_region(box.ys.start, box.xs.start, box.ys.length, box.xs.length, canvas if wrap_x else None))
         coefficients.append(float(counting[key]))
         factors_of.append(tuple(i for i, f in enumerate(factor_keys) if key[0] <= f[0] and key[1] <= f[1]))
+        if key not in factor_keys and len(factors_of[-1]) < 2:  # an overlap is shared by the factors it came from
+            raise PlanError("internal: an overlap region lies inside fewer than two factors")
     return RegionPlan(canvas, tuple(regions), tuple(coefficients), 0, anchor, tuple(factors_of))
+
+
+def check_connected(factors: list) -> None:
+    """Refuse factors that fall apart into pieces sharing no cells: nothing would tie them together."""
+    def touch(a, b):
+        return bool(a[0] & b[0]) and bool(a[1] & b[1])
+    reached, frontier = {0}, [0]
+    while frontier:
+        i = frontier.pop()
+        for j in range(len(factors)):
+            if j not in reached and touch(factors[i], factors[j]):
+                reached.add(j)
+                frontier.append(j)
+    if len(reached) != len(factors):
+        lost = min(set(range(len(factors))) - reached)
+        raise PlanError(f"the factors are not one connected graph: factor {lost} shares no cells with factor 0's "
+                        f"part; give the factors an overlap (the DiffCollage paper: half a window)")
 
 
 def chain_factors(canvas: tuple[int, int], window: tuple[int, int], overlap: int, axis: int) -> list[Box]:

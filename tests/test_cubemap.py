@@ -64,7 +64,7 @@ def test_each_face_is_shared_by_its_two_loops_with_weights_summing_to_one():
             assert owned in ([True, True, False, False], [False, False, True, True])
 
 
-@pytest.mark.parametrize("face,window,overlap", [(8, 8, 4), (8, 16, 8), (16, 8, 4), (8, 8, 0), (64, 48, 16), (64, 64, 32)])
+@pytest.mark.parametrize("face,window,overlap", [(8, 8, 4), (8, 16, 8), (16, 8, 4), (8, 12, 4), (64, 48, 16), (64, 64, 32)])
 def test_cubemap_coefficients_sum_to_one_and_merge_is_consistent(face, window, overlap):
     plan = cm.cubemap_plan(face, window, overlap)
     total = torch.zeros(plan.canvas, dtype=torch.float64)
@@ -127,6 +127,7 @@ def test_equirectangular_round_trip():
     (dict(window_px=(256, 512)), "window_height must equal the face size"),
     (dict(window_px=(512, 384), overlap_px=64), "whole number, at least 3, of window - overlap"),
     (dict(anchor=30), "anchor 30 is past the last window"),
+    (dict(overlap_px=0), "not one connected graph"),
 ])
 def test_bad_cubemaps(kwargs, needle):
     args = dict(graph="cubemap", canvas_px=(512, 3072), window_px=(512, 512), overlap_px=256) | kwargs

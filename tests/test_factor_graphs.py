@@ -52,6 +52,7 @@ def test_one_factor_graph_is_one_window():
     (dict(graph="chain", canvas_px=(512, 2048), window_px=(512, 512), overlap_px=512), "must be smaller than the window"),
     (dict(graph="cycle", canvas_px=(512, 2000), window_px=(512, 512), overlap_px=256), None),
     (dict(graph="tree", canvas_px=(512, 2048), window_px=(512, 512), overlap_px=256), "graph must be one of"),
+    (dict(graph="chain", canvas_px=(512, 2048), window_px=(512, 512), overlap_px=0), "not one connected graph"),
 ])
 def test_bad_graphs(kwargs, needle):
     if needle is None:
@@ -59,7 +60,7 @@ def test_bad_graphs(kwargs, needle):
             FactorGraphPlan(**kwargs).layout((64, 250), 8)
     else:
         with pytest.raises(S.PlanError, match=needle):
-            FactorGraphPlan(**kwargs)
+            FactorGraphPlan(**kwargs).layout(tuple(v // 8 for v in kwargs["canvas_px"]), 8)
 
 
 # --- exactness on a Gaussian Markov chain --------------------------------------------------------
