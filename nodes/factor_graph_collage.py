@@ -84,6 +84,12 @@ class FactorGraphCollage(io.ComfyNode):
                                        "coherent way). autoregressive: the paper's baseline, one factor after another, "
                                        "each a full sampling run outpainting from the pixels known so far."),
                 *canvas_inputs(),
+                io.Conditioning.Input("factor_conditioning", optional=True,
+                                      tooltip="Instead of prompts + clip: the factors' prompts as conditioning, one "
+                                              "entry per factor in order (a cubemap: per face) - CLIP Text Encode nodes "
+                                              "joined by Conditioning (Combine), each combine putting its second input "
+                                              "after the first. Any text encoder or LoRA'd CLIP works; only the text "
+                                              "embeddings are used."),
             ],
             outputs=plan_outputs("factors"),
         )
@@ -91,7 +97,8 @@ class FactorGraphCollage(io.ComfyNode):
     @classmethod
     def execute(cls, graph, width, height, window_width, window_height, overlap, direction, anchor_index,
                 prompt_mode="one for all", prompts="", variable_prompts="mean", clip=None, known_pixels="replacement",
-                reconstruction_weight=1.0, order="joint", image=None, latent=None) -> io.NodeOutput:
+                reconstruction_weight=1.0, order="joint", image=None, latent=None,
+                factor_conditioning=None) -> io.NodeOutput:
         if graph == "cubemap":
             height, width = cubemap_canvas(width, height, image, latent)
         else:
@@ -104,7 +111,8 @@ class FactorGraphCollage(io.ComfyNode):
             if prompt_mode == "one for all":
                 return plan
             latent_hw = (height // LATENT_CELL_PX, width // LATENT_CELL_PX)
-            return replace(plan, **factor_prompts(plan, latent_hw, prompt_mode, prompts, variable_prompts, clip))
+            return replace(plan, **factor_prompts(plan, latent_hw, prompt_mode, prompts, variable_prompts, clip,
+                                                  factor_conditioning))
         return plan_output("FactorGraphCollage", make_plan, image, latent)
 
 
@@ -123,23 +131,40 @@ def cubemap_canvas(width, height, image=None, latent=None) -> tuple[int, int]:
     return height, width
 
 
-def factor_prompts(plan, latent_hw, mode, prompts, variable_prompts, clip) -> dict:
+def factor_prompts(plan, latent_hw, mode, prompts, variable_prompts, clip, conditioning=None) -> dict:
+    """The factors' text embeddings: encoded from the lines of `prompts`, or taken from `conditioning`'s entries."""
     lines = [line.strip() for line in (prompts or "").splitlines() if line.strip()]
     count = plan.factor_count(latent_hw, LATENT_CELL_PX)
-    if clip is None:
-        raise ValueError(f"clip: prompt_mode '{mode}' encodes the prompts itself: connect the CLIP of your checkpoint")
-    if mode == "per factor" and len(lines) != count:
-        per = "face (left, front, right, back, up, down)" if plan.graph == "cubemap" else "factor"
-        raise ValueError(f"prompts: prompt_mode 'per factor' needs one line per {per}: the graph has {count} "
-                         f"but prompts has {len(lines)} non-empty lines")
+    per = "face (left, front, right, back, up, down)" if plan.graph == "cubemap" else "factor"
+    if conditioning is not None:
+        if lines:
+            raise ValueError("prompts / factor_conditioning: give the factors' prompts one way, as text lines or as "
+                             "conditioning entries, not both")
+        embeddings, source = [entry[0] for entry in conditioning], "factor_conditioning has {} entries"
+    else:
+        if clip is None:
+            raise ValueError(f"clip: prompt_mode '{mode}' encodes the prompts itself: connect the CLIP of your checkpoint "
+                             f"(or give factor_conditioning)")
+        embeddings, source = None, "prompts has {} non-empty lines"
+    given = len(conditioning) if conditioning is not None else len(lines)
+    if mode == "per factor" and given != count:
+        raise ValueError(f"{'factor_conditioning' if conditioning is not None else 'prompts'}: prompt_mode 'per factor' "
+                         f"needs one {'entry' if conditioning is not None else 'line'} per {per}: the graph has {count} "
+                         f"but {source.format(given)}")
     if mode == "interpolate" and plan.graph == "cubemap":
         raise ValueError("prompt_mode: 'interpolate' runs along a chain or loop; a cubemap takes 'per factor' "
-                         "prompts, one line per face: left, front, right, back, up, down")
-    if mode == "interpolate" and len(lines) < 2:
-        raise ValueError(f"prompts: prompt_mode 'interpolate' needs at least two lines (first and last scene), got {len(lines)}")
-    embeddings = [encode(clip, line) for line in lines]
+                         "prompts, one per face: left, front, right, back, up, down")
+    if mode == "interpolate" and given < 2:
+        raise ValueError(f"prompts: prompt_mode 'interpolate' needs at least two (first and last scene), but "
+                         f"{source.format(given)}")
+    if embeddings is None:
+        embeddings = [encode(clip, line) for line in lines]
     if mode == "interpolate":
         length = math.lcm(*(e.shape[1] for e in embeddings))  # token counts: multiples of 77
         embeddings = along_chain([e.repeat(1, length // e.shape[1], 1) for e in embeddings], count)
-    null = encode(clip, "") if variable_prompts == "null" else None
+    null = None
+    if variable_prompts == "null":
+        if clip is None:
+            raise ValueError("clip: variable_prompts 'null' encodes the empty prompt: connect the CLIP of your checkpoint")
+        null = encode(clip, "")
     return {"factor_prompts": tuple(embeddings), "null_prompt": null}

@@ -173,6 +173,21 @@ def test_prompt_modes_encode_with_a_real_clip(c):
             c.Collage.execute("chain", 256, 64, 128, 64, 64, "horizontal", 0, "per factor", "one\ntwo", "mean", clip)
         with pytest.raises(ValueError, match="clip: prompt_mode 'per factor'"):
             c.Collage.execute("chain", 256, 64, 128, 64, 64, "horizontal", 0, "per factor", lines, "mean", None)
+        # the same prompts as CONDITIONING: CLIP Text Encode nodes joined by Conditioning (Combine), in order
+        encoded = [c.nodes.CLIPTextEncode().encode(clip, line)[0] for line in lines.splitlines()]
+        combined = c.nodes.ConditioningCombine().combine(c.nodes.ConditioningCombine().combine(encoded[0], encoded[1])[0],
+                                                         encoded[2])[0]
+        as_cond = c.Collage.execute("chain", 256, 64, 128, 64, 64, "horizontal", 0, "per factor", "", "null", clip,
+                                    factor_conditioning=combined).args[0]
+        assert all(torch.equal(a, b) for a, b in zip(as_cond.factor_prompts, plan.factor_prompts))
+        assert len(as_cond.factor_prompts) == 3 and torch.equal(as_cond.null_prompt, plan.null_prompt)
+        with pytest.raises(ValueError, match="factor_conditioning: prompt_mode 'per factor' needs one entry per factor: "
+                                             "the graph has 3 but factor_conditioning has 2 entries"):
+            c.Collage.execute("chain", 256, 64, 128, 64, 64, "horizontal", 0, "per factor", "", "mean", None,
+                              factor_conditioning=encoded[0] + encoded[1])
+        with pytest.raises(ValueError, match="not both"):
+            c.Collage.execute("chain", 256, 64, 128, 64, 64, "horizontal", 0, "per factor", lines, "mean", None,
+                              factor_conditioning=combined)
 
 
 def seam_ratio(image):
