@@ -132,6 +132,8 @@ def sample_autoregressive(model, plan, seed, steps, cfg, sampler_name, scheduler
     for i in autoregressive_order(layout, known):
         comfy.model_management.throw_exception_if_processing_interrupted()
         region = layout.regions[i]
+        if bool(gather(known, region).all()):
+            continue  # nothing left to generate in this window
         window_mask = (~gather(known, region)).to(canvas.dtype).expand(canvas.shape[0], 1, *region.size)
         windowed = windowed_model(model, plan, 1, focus=(tuple(canvas.shape), i))
         out = comfy.sample.sample(windowed, gather(noise, region), steps, cfg, sampler_name, scheduler, positive,
