@@ -30,8 +30,8 @@ import comfy.utils
 import folder_paths
 import latent_preview
 
-from ..sampling import Merger, PlanError, gather
-from ..sampling.conditional import autoregressive_order, reconstruction_correction, scatter_set
+from ..sampling import Merger, PlanError, gather, scatter_set
+from ..sampling.conditional import autoregressive_order, reconstruction_correction
 from ..sampling.perceptual import build_lpips, find_backbone, hub_checkpoints
 from ..sampling.sync import SyncSchedule, fold_update, lpips_input, step_index, sync_deltas, window_sync_gradient
 
@@ -132,9 +132,10 @@ def sample_autoregressive(model, plan, seed, steps, cfg, sampler_name, scheduler
     for i in autoregressive_order(layout, known):
         comfy.model_management.throw_exception_if_processing_interrupted()
         region = layout.regions[i]
-        if bool(gather(known, region).all()):
+        window_known = gather(known, region)
+        if bool(window_known.all()):
             continue  # nothing left to generate in this window
-        window_mask = (~gather(known, region)).to(canvas.dtype).expand(canvas.shape[0], 1, *region.size)
+        window_mask = (~window_known).to(canvas.dtype).expand(canvas.shape[0], 1, *region.size)
         windowed = windowed_model(model, plan, 1, focus=(tuple(canvas.shape), i))
         out = comfy.sample.sample(windowed, gather(noise, region), steps, cfg, sampler_name, scheduler, positive,
                                   negative, gather(canvas, region).contiguous(), denoise=denoise,
@@ -387,9 +388,6 @@ class _Run:
         weight = sync.schedule.weight_at(index, len(schedule) - 1)
         if weight == 0.0:
             return None
-        if self.cfg is None:
-            raise ValueError("sync: AnchorSync needs the guider's cfg scale; use ControlSync Sampler, KSampler or "
-                             "CFGGuider with the windowed model")
         sigma = float(schedule[index])
         return weight, sigma, float(schedule[index + 1]) / sigma
 
@@ -402,8 +400,8 @@ class _Run:
         # for backward; a copy after the skip connection keeps the saved tensor intact
         patches["input_block_patch_after_skip"] = list(patches.get("input_block_patch_after_skip", [])) + [_copy_after_skip]
         if self.cfg is None:
-            raise ValueError("plan/sync: gradient guidance needs the guider's cfg scale; use ControlSync Sampler, "
-                             "KSampler or CFGGuider with the windowed model")
+            raise ValueError("sync / plan: AnchorSync and Reconstruction guidance need the guider's cfg scale; use "
+                             "ControlSync Sampler, KSampler or CFGGuider with the windowed model")
 
         def denoise(i, x):
             conds_w = [None if c is None else self.window_conds(c, (i,), x_in, positive=ci == 0)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .merge import gather
+from .merge import gather, scatter_set
 from .plans import RegionPlan
 
 METHODS = ("replacement", "reconstruction")
@@ -49,10 +49,3 @@ def autoregressive_order(plan: RegionPlan, known: torch.Tensor) -> list[int]:
         scatter_set(done, plan.regions[best], ones)
     return order
 
-
-def scatter_set(canvas: torch.Tensor, region, values: torch.Tensor) -> None:
-    """canvas[region] = values, in place (turned pieces are turned back)."""
-    for p in region.pieces:
-        (sy, sx), (dy, dx), (h, w), (dh, dw) = p.src, p.dst, p.size, p.dst_size
-        block = values[..., dy:dy + dh, dx:dx + dw]
-        canvas[..., sy:sy + h, sx:sx + w] = block if p.turns % 4 == 0 else torch.rot90(block, -p.turns, dims=(-2, -1))

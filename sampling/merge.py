@@ -29,6 +29,13 @@ def scatter_add(canvas: torch.Tensor, region: Region, values: torch.Tensor) -> N
         canvas[..., sy:sy + h, sx:sx + w] += _turn(values[..., dy:dy + dh, dx:dx + dw], -p.turns)
 
 
+def scatter_set(canvas: torch.Tensor, region: Region, values: torch.Tensor) -> None:
+    """canvas[region] = values, in place (turned pieces are turned back)."""
+    for p in region.pieces:
+        (sy, sx), (dy, dx), (h, w), (dh, dw) = p.src, p.dst, p.size, p.dst_size
+        canvas[..., sy:sy + h, sx:sx + w] = _turn(values[..., dy:dy + dh, dx:dx + dw], -p.turns)
+
+
 def _turn(block: torch.Tensor, turns: int) -> torch.Tensor:
     return block if turns % 4 == 0 else torch.rot90(block, turns, dims=(-2, -1))
 
