@@ -1,11 +1,22 @@
 """The one module that talks to ComfyUI internals.
 
-Windowed sampling is a CALC_COND_BATCH wrapper on a clone of the user's model: it sits below
-CFG, sees the conds before any ControlNet ran, and calls ComfyUI's own cond batching once per
-batch of windows with window-cropped latents, masks, spatial model conds and real `ControlBase`
-copies whose hints are window crops of the canvas-sized hint. Nothing is patched globally and
-nothing mutable is stored in `model_options`: per-run state lives in a context variable set by
-an OUTER_SAMPLE wrapper.
+Windowed sampling is a CALC_COND_BATCH wrapper on a clone of the user's model: it sits below CFG,
+sees the conds before any ControlNet ran, and calls ComfyUI's own cond batching once per batch of
+regions with cropped latents, masks, spatial model conds and real `ControlBase` copies whose hints
+are crops of the canvas-sized hint. Nothing is patched globally and nothing mutable is stored in
+`model_options`: an OUTER_SAMPLE wrapper builds an immutable `RunContext` for the run and the
+little mutable state a run needs (`_RunState`), held in a context variable.
+
+One model evaluation of the sampler runs, for the canvas:
+  - AnchorSync, at a synced step's first evaluation (`sync_moves`): the factors' gradient passes
+    toward the anchor, through the guider's own math (`guided_x0`: the guider is called on a batch
+    of windows, and this wrapper, seeing a focus, evaluates just those windows);
+  - the batched denoising pass over every region (`denoise_regions`), at the moved latents;
+  - the merge and the fold of the sync moves into the denoised output (`merge_and_fold`);
+  - Reconstruction guidance for known pixels (`reconstruction_correction`).
+Nested calls within the same evaluation (guidance that calls the model again from a post-CFG
+function, like PAG) are evaluated at the same moved latents and folded the same way; they never
+sync again.
 """
 from __future__ import annotations
 
@@ -15,7 +26,7 @@ import functools
 import logging
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -30,15 +41,24 @@ import comfy.utils
 import folder_paths
 import latent_preview
 
-from ..sampling import Merger, PlanError, gather, scatter_set
-from ..sampling.conditional import autoregressive_order, reconstruction_correction
+from ..sampling import MergeRule, PlanError, gather, scatter_add, scatter_set
+from ..sampling.conditional import autoregressive_order
 from ..sampling.perceptual import build_lpips, find_backbone, hub_checkpoints
-from ..sampling.sync import SyncSchedule, fold_update, lpips_input, step_index, sync_deltas, window_sync_gradient
+from ..sampling.steps import StepPatternError, first_evaluations
+from ..sampling.sync import (SyncSchedule, factor_indices, fold_fast, fold_update, identity_through, lpips_input,
+                             noise_level, region_moves, sync_deltas, window_sync_gradient)
 
 WRAPPER_KEY = "controlsync.windows"
 # pre-run state that ControlBase.copy() does not carry over (set by pre_run on the originals)
 _CONTROL_RUN_STATE = ("timestep_range", "model_sampling_current", "control_model", "manual_cast_dtype")
-_run_state: contextvars.ContextVar["_Run | None"] = contextvars.ContextVar("controlsync_run", default=None)
+# activations kept for backward, against ComfyUI's inference estimate of one window's model call
+_GRADIENT_MEMORY_FACTOR = 3.0
+# decoder + LPIPS-VGG forward and backward, bytes per decoded pixel at 4 bytes per value
+# (measured: tests/benchmark_sync.py --measure-loss-memory)
+_LOSS_BYTES_PER_PIXEL = 12_000
+
+_run_state: contextvars.ContextVar["_RunState | None"] = contextvars.ContextVar("controlsync_run", default=None)
+_focus: contextvars.ContextVar["_Focus | None"] = contextvars.ContextVar("controlsync_focus", default=None)
 
 
 @dataclass(frozen=True)
@@ -47,7 +67,7 @@ class SyncSettings:
     schedule: SyncSchedule
     vae: object              # comfy.sd.VAE: the decoder the loss looks through
     loss_net: str = "vgg"    # LPIPS backbone
-    through_model: bool = True  # False: skip the denoiser's Jacobian (fast mode)
+    through_model: bool = True  # False: the fast mode (model Jacobian skipped, one model evaluation per step)
     loss_downscale: int = 1     # 2: the loss looks at x0 decoded at half size (4x cheaper decoder and LPIPS)
     loss_decoder: str = "vae"   # "taesd": ComfyUI's tiny differentiable decoder (models/vae_approx) instead
 
@@ -59,6 +79,7 @@ class WindowedConfig:
     window_batch: int     # windows per model call; 0 = as many as memory allows
     sync: SyncSettings | None = None
     focus: tuple | None = None   # (canvas latent shape, region index): sample only that region's latent
+    schedule_position: tuple | None = None  # (offset, total): the run is steps offset.. of a total-step schedule
 
     @property
     def reconstruction(self) -> float | None:
@@ -98,15 +119,26 @@ def refuse_unsupported(model_options: dict) -> None:
     if "multigpu_clones" in model_options:
         raise ValueError("model: this MODEL is set up for ComfyUI's multi-GPU sampling; ControlSync windows need "
                          "one device. Remove the multi-GPU node for this sampler.")
+    if "sampler_calc_cond_batch_function" in model_options:
+        raise ValueError("model: a node upstream replaces ComfyUI's cond batching (sampler_calc_cond_batch_function); "
+                         "ControlSync windows run inside it and cannot be combined with that node.")
+    for fn in model_options.get("sampler_post_cfg_function", []):
+        if getattr(fn, "__module__", "").endswith("nodes_sag"):
+            raise ValueError("model: Self-Attention Guidance reads one attention map for the whole latent; with "
+                             "ControlSync windows it would see one window's map stretched over the canvas. Remove the "
+                             "Self-Attention Guidance node (Perturbed-Attention Guidance works per window).")
 
 
-def windowed_model(model, plan, window_batch: int = 0, sync: SyncSettings | None = None, focus=None):
-    """A clone of `model` whose sampling runs the plan's windows; `model` itself is untouched."""
+def windowed_model(model, plan, window_batch: int = 0, sync: SyncSettings | None = None, focus=None,
+                   schedule_position=None):
+    """A clone of `model` whose sampling runs the plan's windows; `model` itself is untouched.
+    `schedule_position`: (offset, total) when the caller knows the run samples steps offset.. of a
+    total-step schedule (KSampler's denoise), for AnchorSync's step count."""
     refuse_unsupported(model.model_options)
     if model.get_wrappers(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY):
         raise ValueError("model: this MODEL already carries a ControlSync window plan (from ControlSync Windowed "
                          "Model); connect the original MODEL instead of windowing it twice.")
-    config = WindowedConfig(plan, int(window_batch), sync, focus)
+    config = WindowedConfig(plan, int(window_batch), sync, focus, schedule_position)
     clone = model.clone()
     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
                                functools.partial(_outer_sample, config))
@@ -119,7 +151,8 @@ def sample_autoregressive(model, plan, seed, steps, cfg, sampler_name, scheduler
                           denoise=1.0):
     """The autoregressive baseline: one window after another, each a full KSampler run of its own that
     outpaints from the cells known so far (the user's noise mask, then the windows done), kept by
-    Replacement (ComfyUI's noise mask) or Reconstruction as the plan says. Same canvas noise as a joint run."""
+    Replacement (ComfyUI's noise mask) or Reconstruction as the plan says. Same canvas noise as a joint run.
+    One progress bar runs over all windows, previewing the whole canvas."""
     samples = latent["samples"]
     layout = layout_for(plan, model, samples.shape)
     canvas = comfy.sample.fix_empty_latent_channels(model, samples).clone()
@@ -129,18 +162,18 @@ def sample_autoregressive(model, plan, seed, steps, cfg, sampler_name, scheduler
     if mask is not None:
         mask = comfy.sampler_helpers.prepare_mask(mask, canvas.shape, "cpu")
         known = (mask < 0.5).all(dim=0).all(dim=0)
-    for i in autoregressive_order(layout, known):
+    order = [i for i in autoregressive_order(layout, known)]
+    todo = [i for i in order if not bool(gather(known, layout.regions[i]).all())]
+    progress = _CanvasProgress(model, canvas, len(todo) * steps)
+    for done, i in enumerate(todo):
         comfy.model_management.throw_exception_if_processing_interrupted()
         region = layout.regions[i]
-        window_known = gather(known, region)
-        if bool(window_known.all()):
-            continue  # nothing left to generate in this window
-        window_mask = (~window_known).to(canvas.dtype).expand(canvas.shape[0], 1, *region.size)
+        window_mask = (~gather(known, region)).to(canvas.dtype).expand(canvas.shape[0], 1, *region.size)
         windowed = windowed_model(model, plan, 1, focus=(tuple(canvas.shape), i))
         out = comfy.sample.sample(windowed, gather(noise, region), steps, cfg, sampler_name, scheduler, positive,
                                   negative, gather(canvas, region).contiguous(), denoise=denoise,
                                   noise_mask=window_mask if bool((window_mask < 1).any()) else None, seed=seed,
-                                  callback=latent_preview.prepare_callback(windowed, steps),
+                                  callback=progress.callback(region, done * steps),
                                   disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
         scatter_set(canvas, region, out.to(canvas.dtype))
         scatter_set(known, region, torch.ones(region.size, dtype=torch.bool))
@@ -150,15 +183,151 @@ def sample_autoregressive(model, plan, seed, steps, cfg, sampler_name, scheduler
     return out
 
 
+class _CanvasProgress:
+    """One ComfyUI progress bar over every window's steps, previewing the canvas with the current
+    window's x0-prediction pasted in."""
+
+    def __init__(self, model, canvas, total):
+        self.canvas = canvas
+        self.bar = comfy.utils.ProgressBar(max(total, 1))
+        self.previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
+
+    def callback(self, region, offset):
+        def update(step, x0, x, total_steps):
+            preview = None
+            if self.previewer:
+                shown = self.canvas[:1].clone()
+                scatter_set(shown, region, x0[:1].to(shown))
+                preview = self.previewer.decode_latent_to_preview_image("JPEG", shown)
+            self.bar.update_absolute(offset + step + 1, preview=preview)
+        return update
+
+
+# --- one sampling run ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a run needs that does not change while it runs."""
+    config: WindowedConfig
+    plan: object                 # RegionPlan laid out on this run's latent (one region when focused)
+    merge: MergeRule
+    guider: object = None        # the CFGGuider sampling (None: a call outside a sampling run)
+    step_weights: tuple = ()     # AnchorSync's w_t for every sampler step (empty: no sync)
+    sigmas: tuple = ()           # the run's schedule
+    seed: int | None = None
+
+    @property
+    def synced(self) -> bool:
+        return any(w > 0 for w in self.step_weights)
+
+
+@dataclass
+class _Evaluation:
+    """What one model evaluation of the sampler shares between its calls."""
+    index: int
+    moves: list | None = None         # per region: its latent move (sync), or None
+    fold: object = None               # merged outputs, merged move -> folded outputs
+    outputs: dict = field(default_factory=dict)  # (options id, conds key, region) -> per cond output
+    correction: object = None         # Reconstruction's correction of the denoised outputs
+    calls: int = 0
+
+
+class _RunState:
+    """The mutable part of a run: evaluation counter, per-window conds and ControlNet copies,
+    batch sizes (chosen once), and the known pixels of Reconstruction."""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.conds = WindowConds(ctx.plan)
+        self.known = None            # Reconstruction: (known latent, 1 on known cells), as the sampled latent
+        self.evaluations = 0         # model evaluations the sampler made so far
+        self.tracked = False         # counted at the sampler (else: each outermost call is one evaluation)
+        self.depth = 0               # canvas passes under way (nested guider calls)
+        self.first_evals: dict[int, int] = {}  # evaluation number -> sampler step it starts (synced runs)
+        self.evaluation: _Evaluation | None = None
+        self.denoise_batch = None    # regions per denoising call, chosen at the first call
+        self.gradient_batch = None   # windows per gradient graph, chosen at the first gradient pass
+
+    def current_evaluation(self) -> _Evaluation:
+        if self.evaluation is None or self.evaluation.index != self.evaluations:
+            self.evaluation = _Evaluation(self.evaluations)
+        return self.evaluation
+
+    def sync_step(self, timestep) -> tuple[float, float, float] | None:
+        """(w_t, sigma, sigma_next / sigma) when the current evaluation starts a synced step, else None."""
+        step = self.first_evals.get(self.evaluations - 1)
+        if step is None or self.ctx.step_weights[step] == 0.0:
+            return None
+        sigma = float(timestep.flatten()[0])
+        return self.ctx.step_weights[step], sigma, self.ctx.sigmas[step + 1] / sigma
+
+    def roles(self, conds) -> list:
+        """What each cond list is to the guider ('positive', 'negative', 'middle', ...), by identity with
+        the guider's own conds; without a guider (a call outside a run), positive then negative."""
+        named = {id(v): k for k, v in (getattr(self.ctx.guider, "conds", None) or {}).items()}
+        if not named:
+            return ["positive", "negative"][:len(conds)] + [None] * max(0, len(conds) - 2)
+        return [named.get(id(c)) for c in conds]
+
+    def crop_conds(self, conds, batch, B) -> list:
+        return [None if c is None else self.conds.crop(c, batch, B, role) for c, role in zip(conds, self.roles(conds))]
+
+    def denoise_batch_size(self, model, conds, x_in) -> int:
+        if self.denoise_batch is None:
+            size = self.ctx.config.window_batch
+            if _has_area(conds):
+                size = 1  # area conds are intersected with each window, so windows differ in their conds
+            elif size <= 0:
+                size = auto_window_batch(model, self.ctx.plan, conds, x_in,
+                                         comfy.model_management.get_free_memory(x_in.device))
+            self.denoise_batch = max(1, size)
+        return self.denoise_batch
+
+    def gradient_batch_size(self, model, conds, x_in) -> int:
+        """Windows per gradient graph. Only guiders whose math is per sample may stack windows
+        (PerpNeg, for one, projects over the whole batch)."""
+        if self.gradient_batch is None:
+            size = self.ctx.config.window_batch
+            if type(self.ctx.guider).__name__ not in _PER_SAMPLE_GUIDERS or _has_area(conds):
+                size = 1
+            elif size <= 0:
+                size = auto_window_batch(model, self.ctx.plan, conds, x_in,
+                                         comfy.model_management.get_free_memory(x_in.device), gradient=True)
+            self.gradient_batch = max(1, size)
+        return self.gradient_batch
+
+    def close(self):
+        self.conds.close()
+
+
+_PER_SAMPLE_GUIDERS = ("CFGGuider", "Guider_Basic", "Guider_DualCFG")
+
+
+def _has_area(conds) -> bool:
+    return any(c is not None and any("area" in d for d in c) for c in conds)
+
+
+@dataclass(frozen=True)
+class _Focus:
+    """A call that evaluates only some regions (gradient passes, the anchor, a focused window), with
+    outputs already computed to hand back instead of evaluating again."""
+    run: _RunState
+    regions: tuple
+    record: bool = False
+
+
 def _outer_sample(config, executor, noise, latent_image, sampler, sigmas, denoise_mask=None, *args, **kwargs):
-    run = _Run(config)
-    run.cfg = getattr(executor.class_obj, "cfg", None)
+    guider = executor.class_obj
+    patcher = guider.model_patcher
+    refuse_unsupported(guider.model_options)
+    ctx = _run_context(config, guider, noise.shape, sigmas, kwargs.get("seed", args[2] if len(args) > 2 else None))
+    run = _RunState(ctx)
+    sampler = _counted_sampler(sampler, run)
     if config.reconstruction is not None and denoise_mask is not None:
         # Reconstruction instead of ComfyUI's Replacement: keep the mask (1 = to generate) for the
         # guidance and sample without it
-        base = executor.class_obj.model_patcher.model
         mask = comfy.sampler_helpers.prepare_mask(denoise_mask, noise.shape, noise.device)
-        run.known = (base.process_latent_in(latent_image.to(noise.device)), 1.0 - mask)
+        run.known = (patcher.model.process_latent_in(latent_image.to(noise.device)), 1.0 - mask)
         denoise_mask = None
     token = _run_state.set(run)
     try:
@@ -166,11 +335,53 @@ def _outer_sample(config, executor, noise, latent_image, sampler, sigmas, denois
     except BaseException:
         # ComfyUI resets the user's ControlNets (pre-run state, cached hints) only after a successful
         # run; on errors and Cancel we do it too, so they are left exactly as before the run.
-        _cleanup_controls(getattr(executor.class_obj, "conds", None))
+        _cleanup_controls(getattr(guider, "conds", None))
         raise
     finally:
         _run_state.reset(token)
         run.close()
+
+
+def _run_context(config, guider, latent_shape, sigmas, seed) -> RunContext:
+    patcher = guider.model_patcher
+    plan = _focused_layout(config, patcher, latent_shape)
+    weights = ()
+    if config.sync is not None and config.focus is None and len(plan.regions) > 1:
+        model_sampling = patcher.get_model_object("model_sampling")
+        schedule = [float(s) for s in sigmas]
+        position = config.schedule_position
+        if position is None and _is_whole_schedule(model_sampling, sigmas):
+            position = (0, len(schedule) - 1)
+        weights = tuple(config.sync.schedule.step_weights(
+            schedule, lambda s: noise_level(s, model_sampling.percent_to_sigma), position))
+    return RunContext(config, plan, MergeRule(plan), guider, weights, tuple(float(s) for s in sigmas), seed)
+
+
+def _is_whole_schedule(model_sampling, sigmas) -> bool:
+    """Whether `sigmas` are one of ComfyUI's schedulers' whole schedules at their step count."""
+    steps = len(sigmas) - 1
+    for name in comfy.samplers.SCHEDULER_NAMES:
+        try:
+            whole = comfy.samplers.calculate_sigmas(model_sampling, name, steps)
+        except Exception:  # a scheduler that cannot make this many steps for this model
+            continue
+        if whole.shape == sigmas.shape and torch.allclose(whole.to(sigmas), sigmas, rtol=1e-5, atol=1e-8):
+            return True
+    return False
+
+
+def _focused_layout(config, model, latent_shape):
+    focus = config.focus
+    if focus is None:
+        return layout_for(config.plan, model, latent_shape)
+    # the latent is one region of a larger canvas: conds are cropped from that canvas
+    full = layout_for(config.plan, model, focus[0])
+    i = focus[1]
+    plan = replace(full, regions=(full.regions[i],), coefficients=(1.0,), anchor=0, factors_of=(),
+                   prompts=(full.prompts[i],) if full.prompts else ())
+    if tuple(latent_shape[-2:]) != plan.regions[0].size:
+        raise ValueError(f"latent_image: {tuple(latent_shape[-2:])} is not the size of the window it samples")
+    return plan
 
 
 def _cleanup_controls(conds) -> None:
@@ -183,50 +394,198 @@ def _cleanup_controls(conds) -> None:
                 control.cleanup()
 
 
+# --- which evaluation starts which step -----------------------------------------------------------
+
+def _counted_sampler(sampler, run: _RunState):
+    """The same sampler with its model evaluations counted (one evaluation may call the model's cond
+    batching several times: guidance calling the model again) and, when AnchorSync runs, each step's
+    first evaluation found beforehand (sampling/steps.py), so the windows move exactly once per step."""
+    if not isinstance(sampler, comfy.samplers.KSAMPLER):
+        if run.ctx.synced:
+            raise ValueError(f"sync: AnchorSync needs one of ComfyUI's KSAMPLER samplers to find each step's first "
+                             f"model evaluation; this sampler is a {type(sampler).__name__}. Use a KSampler sampler "
+                             f"or disconnect sync.")
+        return sampler
+    return comfy.samplers.KSAMPLER(functools.partial(_counted_sampling, sampler.sampler_function, run),
+                                   sampler.extra_options, sampler.inpaint_options)
+
+
+def _counted_sampling(sampler_function, run, model, x, sigmas, *args, extra_args=None, callback=None, disable=None,
+                      **options):
+    extra_args = {} if extra_args is None else extra_args
+    name = getattr(sampler_function, "__name__", type(sampler_function).__name__).removeprefix("sample_")
+    firsts = None
+    if run.ctx.synced:
+        try:
+            firsts = first_evaluations(sampler_function, model, x, sigmas, extra_args, **options)
+        except StepPatternError as e:
+            raise ValueError(f"sync: the sampler '{name}' does not take one step per point of the schedule ({e}); "
+                             f"AnchorSync needs a fixed-step sampler (euler, ddim, dpmpp_2m, ...): choose another "
+                             f"sampler or disconnect sync") from None
+        run.first_evals = {n: i for i, n in enumerate(firsts)}
+    run.tracked = True
+
+    def counted_callback(d):
+        if firsts is not None and d["i"] < len(firsts) and run.evaluations != firsts[d["i"]] + 1:
+            raise ValueError(f"sync: the sampler '{name}' evaluated the model {run.evaluations} times before "
+                             f"reporting step {d['i']} instead of {firsts[d['i']] + 1}: its pattern depends on the "
+                             f"model's outputs, so AnchorSync cannot find its steps; choose a fixed-step sampler or "
+                             f"disconnect sync")
+        if callback is not None:
+            callback(d)
+
+    return sampler_function(_CountedModel(model, run), x, sigmas, *args, extra_args=extra_args,
+                            callback=counted_callback, disable=disable, **options)
+
+
+class _CountedModel:
+    def __init__(self, model, run):
+        self._model, self._run = model, run
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def __call__(self, *args, **kwargs):
+        self._run.evaluations += 1
+        return self._model(*args, **kwargs)
+
+
+# --- the wrapper ---------------------------------------------------------------------------------
+
 def _calc_cond_batch(config, executor, model, conds, x_in, timestep, model_options, *args, **kwargs):
     refuse_unsupported(model_options)
     run = _run_state.get()
-    transient = run is None or run.config is not config
+    transient = run is None or run.ctx.config is not config
     if transient:  # called outside our OUTER_SAMPLE (another guider's path): state for this call only
-        run = _Run(config)
+        layout = _focused_layout(config, model, x_in.shape)
+        run = _RunState(RunContext(config, layout, MergeRule(layout)))
+    call = functools.partial(executor, *args, **kwargs) if (args or kwargs) else executor
     try:
-        plan = run.layout(model, x_in)
-        synced = run.sync_step(model_options, timestep, plan)
-        deltas = None
-        if synced is not None:
-            weight, sigma, r = synced
-            deltas = run.sync_deltas(executor, model, conds, x_in, timestep, model_options, weight, sigma)
-        corrections = {}
-        if run.known is not None:
-            corrections = run.reconstruction_corrections(executor, model, conds, x_in, timestep, model_options)
-        mergers = [None] * len(conds)
-        for batch in run.batches(model, plan, conds, x_in):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            x_w = run.view(x_in, batch)
-            if deltas is not None:
-                x_w = x_w - torch.cat([deltas[i] for i in batch])
-            t_w = timestep if len(batch) == 1 else timestep.repeat(len(batch))
-            conds_w = [None if c is None else run.window_conds(c, batch, x_in, positive=ci == 0) for ci, c in enumerate(conds)]
-            outs = executor(model, conds_w, x_w, t_w, model_options, *args, **kwargs)
-            if run.config.focus is not None:  # one region, which is the whole latent
-                return [out - corrections.get(0, 0.0) for out in outs]
-            for ci, out in enumerate(outs):
-                if mergers[ci] is None:
-                    mergers[ci] = Merger(plan, out[:x_in.shape[0]].new_zeros(x_in.shape))
-                for i, part in zip(batch, out.chunk(len(batch))):
-                    # the same shift of cond and uncond shifts the CFG result by it
-                    mergers[ci].add(i, part - corrections[i] if i in corrections else part)
-        outs = [m.result() for m in mergers]
-        if deltas is not None:
-            moved = Merger(plan, deltas[0].new_zeros(x_in.shape))
-            for i, d in enumerate(deltas):
-                moved.add(i, d)
-            shift = moved.result().to(outs[0].dtype)
-            outs = [fold_update(o, shift, r) for o in outs]
-        return outs
+        focus = _focus.get()
+        if focus is not None and focus.run is run:
+            return _region_pass(run, focus, call, model, conds, x_in, timestep, model_options)
+        return _canvas_pass(run, call, model, conds, x_in, timestep, model_options)
     finally:
         if transient:
             run.close()
+
+
+def _conds_key(conds) -> tuple:
+    return tuple(id(c) for c in conds)
+
+
+def _region_pass(run, focus, executor, model, conds, x, timestep, model_options):
+    """Evaluate only the focused regions (stacked along dim 0), or hand back outputs the evaluation
+    already has for them."""
+    ev = run.current_evaluation()
+    key = (id(model_options), _conds_key(conds))
+    known = [ev.outputs.get(key + (i,)) for i in focus.regions]
+    if all(k is not None for k in known):
+        return [torch.cat([k[ci] for k in known]) for ci in range(len(conds))]
+    outs = executor(model, run.crop_conds(conds, focus.regions, x.shape[0] // len(focus.regions)), x, timestep,
+                    model_options)
+    if focus.record:
+        for i, parts in zip(focus.regions, zip(*[o.chunk(len(focus.regions)) for o in outs])):
+            ev.outputs[key + (i,)] = list(parts)
+    return outs
+
+
+def _canvas_pass(run, executor, model, conds, x_in, timestep, model_options):
+    """One call of the sampler's model evaluation for the whole latent: sync (at a synced step's
+    first call), the denoising pass, the merge and fold, Reconstruction."""
+    if not run.tracked and run.depth == 0:
+        run.evaluations += 1
+    ev = run.current_evaluation()
+    ev.calls += 1
+    key = ("canvas", id(model_options), _conds_key(conds))
+    if key in ev.outputs:  # the guider's math replayed on outputs this evaluation already merged
+        return ev.outputs[key]
+    run.depth += 1
+    try:
+        if run.ctx.config.focus is not None:  # the latent is the one region: no merge, no sync
+            merged = _region_pass(run, _Focus(run, (0,)), executor, model, conds, x_in, timestep, model_options)
+        else:
+            sync = run.sync_step(timestep) if ev.calls == 1 else None
+            fast = sync is not None and not run.ctx.config.sync.through_model
+            if sync is not None and not fast:
+                ev.moves, ev.fold = sync_moves(run, model, conds, x_in, timestep, model_options, sync, None)
+            outputs = denoise_regions(run, executor, model, conds, x_in, timestep, model_options, ev.moves,
+                                      record=fast)
+            if fast:
+                ev.moves, ev.fold = sync_moves(run, model, conds, x_in, timestep, model_options, sync, outputs)
+            merged = merge_and_fold(run, outputs, ev, x_in)
+        ev.outputs[key] = merged
+        if run.known is not None:
+            if ev.correction is None and ev.calls == 1:
+                ev.correction = reconstruction_correction(run, model, conds, x_in, timestep, model_options)
+            if ev.correction is not None:
+                merged = [o - ev.correction for o in merged]
+        return merged
+    finally:
+        run.depth -= 1
+
+
+# --- the batched denoising pass, the merge and the fold ------------------------------------------
+
+def denoise_regions(run, executor, model, conds, x_in, timestep, model_options, moves, record=False):
+    """Every region's outputs ({region: [per cond]}), its latent moved by `moves` when given, in batches of
+    equal-size regions. Zero-coefficient regions add nothing to the merge and are skipped; outputs the
+    evaluation already recorded for an unmoved region (the anchor) are reused; with `record`, the outputs
+    are kept for the guider's math to be replayed on (the fast sync mode)."""
+    plan, ev = run.ctx.plan, run.current_evaluation()
+    key = (id(model_options), _conds_key(conds))
+    B = x_in.shape[0]
+    outputs, todo = {}, []
+    for i, c in enumerate(plan.coefficients):
+        recorded = ev.outputs.get(key + (i,))
+        if c == 0:
+            continue
+        if recorded is not None and (moves is None or not bool(moves[i].any())):
+            outputs[i] = recorded
+        else:
+            todo.append(i)
+    for batch in _batches(plan, todo, run.denoise_batch_size(model, conds, x_in)):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        x_w = stack_regions(x_in, [plan.regions[i] for i in batch], B)
+        if moves is not None:
+            x_w = x_w - torch.cat([moves[i] for i in batch]).to(x_w)
+        t_w = timestep if len(batch) == 1 else timestep.repeat(len(batch))
+        outs = executor(model, run.crop_conds(conds, batch, B), x_w, t_w, model_options)
+        for ci, out in enumerate(outs):
+            for i, part in zip(batch, out.chunk(len(batch))):
+                outputs.setdefault(i, [None] * len(outs))[ci] = part
+    if record:
+        for i, parts in outputs.items():
+            ev.outputs.setdefault(key + (i,), parts)
+    return outputs
+
+
+def merge_and_fold(run, outputs, ev, x_in):
+    """The canvas prediction of every cond, with this evaluation's sync moves folded in."""
+    n_conds = len(next(iter(outputs.values())))
+    merged = []
+    for ci in range(n_conds):
+        merger = run.ctx.merge.merger(outputs[next(iter(outputs))][ci][:x_in.shape[0]].new_zeros(x_in.shape))
+        for i, parts in outputs.items():
+            merger.add(i, parts[ci])
+        merged.append(merger.result())
+    if ev.moves is None or tuple(x_in.shape[-2:]) != run.ctx.plan.canvas:
+        return merged
+    moved = run.ctx.merge.merger(merged[0])
+    for i, m in enumerate(ev.moves):
+        moved.add(i, m.to(merged[0]))
+    shift = moved.result()
+    return [ev.fold(o, shift) for o in merged]
+
+
+def _batches(plan, indices, size):
+    """Runs of region indices to evaluate in one call; only regions of one size batch together
+    (factor graphs mix factor and variable sizes)."""
+    by_size = {}
+    for i in indices:
+        by_size.setdefault(plan.regions[i].size, []).append(i)
+    size = max(1, size)
+    return [tuple(ids[s:s + size]) for ids in by_size.values() for s in range(0, len(ids), size)]
 
 
 def stack_regions(canvas: torch.Tensor, regions, batch: int) -> torch.Tensor:
@@ -237,65 +596,51 @@ def stack_regions(canvas: torch.Tensor, regions, batch: int) -> torch.Tensor:
     return torch.cat([comfy.utils.repeat_to_batch_size(p, batch) for p in parts])
 
 
-class _Run:
-    """State of one sampling run: the resolved layout and the per-window ControlNet copies."""
+def auto_window_batch(model, plan, conds, x_in, free_memory: float, gradient: bool = False) -> int:
+    """Windows per model call for `free_memory` bytes: on a GPU as many as fit with ComfyUI's own 1.5x
+    margin, from ComfyUI's own estimate of a window's model call (twice that with ControlNets; a
+    gradient pass keeps its activations for backward and adds the loss's decoder and LPIPS). On the CPU
+    one: larger batches bring no parallelism there and measured slower (tests/benchmark_windows.py)."""
+    if x_in.device.type == "cpu":
+        return 1
+    h, w = max(r.size for r in plan.regions)
+    n_conds = sum(c is not None for c in conds)
+    shape = [x_in.shape[0] * max(n_conds, 1), x_in.shape[1], h, w]
+    per_window = model.memory_required(shape)
+    if any(c is not None and any(d.get("control") is not None for d in c) for c in conds):
+        per_window *= 2
+    if gradient:
+        factor = latent_geometry(model)[0]
+        per_window = per_window * _GRADIENT_MEMORY_FACTOR + _LOSS_BYTES_PER_PIXEL * x_in.shape[0] * h * w * factor ** 2
+    return max(1, math.floor(free_memory / (1.5 * per_window)))
 
-    def __init__(self, config: WindowedConfig):
-        self.config = config
-        self.cfg = None
-        self.plan = None
-        self.known = None         # Reconstruction: (known latent, 1 on known cells), as the sampled latent
+
+# --- per-window conds and ControlNet copies -----------------------------------------------------
+
+class WindowConds:
+    """Conds cropped to a batch of regions: latents-shaped masks and model conds, area conds intersected,
+    per-region prompts, and one chain of ControlNet copies per batch holding the batch's hint crops.
+    Crops are made once per region and run; nothing of the user's conds or ControlNets is modified."""
+
+    def __init__(self, plan):
+        self.plan = plan
         self.canvas_hints = {}    # id(control) -> (control, canvas-sized hint, px per cell)
-        self.controls = {}        # (id(control), windows) -> (control, chain copy)
+        self.hint_crops = {}      # (id(control), region) -> (hint crop, extra concat crops)
+        self.controls = {}        # (id(control), batch, B) -> (control, chain copy)
 
-    def layout(self, model, x_in):
-        focus = self.config.focus
-        if focus is not None:  # the latent is one region of a larger canvas: conds are cropped from that canvas
-            if self.plan is None:
-                full = layout_for(self.config.plan, model, focus[0])
-                i = focus[1]
-                self.plan = replace(full, regions=(full.regions[i],), coefficients=(1.0,), anchor=0, factors_of=(),
-                                    prompts=(full.prompts[i],) if full.prompts else ())
-            if tuple(x_in.shape[-2:]) != self.plan.regions[0].size:
-                raise ValueError(f"latent_image: {tuple(x_in.shape[-2:])} is not the size of the window it samples")
-        elif self.plan is None or self.plan.canvas != tuple(x_in.shape[-2:]):
-            self.plan = layout_for(self.config.plan, model, x_in.shape)
-        return self.plan
-
-    def view(self, t, batch):
-        """The regions of `batch` cut out of a latent-sized tensor (a focused run's latent is its region)."""
-        if self.config.focus is not None:
-            return t
-        return stack_regions(t, [self.plan.regions[i] for i in batch], t.shape[0])
-
-    def batches(self, model, plan, conds, x_in):
-        """Runs of region indices to denoise in one model call; only regions of one size batch together
-        (factor graphs mix factor and variable sizes)."""
-        size = self.config.window_batch
-        if any(c is not None and any("area" in d for d in c) for c in conds):
-            size = 1  # area conds are intersected with each window, so windows differ in their conds
-        elif size <= 0:
-            size = _auto_window_batch(model, plan, conds, x_in)
-        by_size = {}
-        for i, region in enumerate(plan.regions):
-            by_size.setdefault(region.size, []).append(i)
-        size = max(1, size)
-        return [tuple(ids[s:s + size]) for ids in by_size.values() for s in range(0, len(ids), size)]
-
-    def window_conds(self, cond_list, batch, x_in, positive=False):
+    def crop(self, cond_list, batch, B, role):
         out = []
         for d in cond_list:
-            w = self._window_cond(d, batch, x_in, positive)
+            w = self._crop_one(d, batch, B, role)
             if w is not None:
                 out.append(w)
         return out
 
-    def _window_cond(self, d, batch, x_in, positive=False):
+    def _crop_one(self, d, batch, B, role):
         if "gligen" in d:
             raise ValueError("positive/negative: GLIGEN box conditioning is placed on the whole canvas and "
                              "cannot be split into ControlSync windows; remove the GLIGEN node.")
         regions = [self.plan.regions[i] for i in batch]
-        B = x_in.shape[0]
         w = dict(d)
         if "area" in d:
             area = _window_area(d["area"], regions[0])
@@ -306,7 +651,7 @@ class _Run:
             w["mask"] = stack_regions(self._canvas_sized(d["mask"], "mask"), regions, B)
         if d.get("model_conds"):
             w["model_conds"] = {k: self._window_model_cond(v, regions, B) for k, v in d["model_conds"].items()}
-            if positive and self.plan.prompts and "area" not in d and d.get("mask") is None:
+            if role == "positive" and self.plan.prompts and "area" not in d and d.get("mask") is None:
                 w["model_conds"]["c_crossattn"] = self._region_prompt(d["model_conds"].get("c_crossattn"), batch, B)
         if d.get("control") is not None:
             w["control"] = self._control_chain(d["control"], batch, B)
@@ -336,30 +681,38 @@ class _Run:
         return original._copy_with(stacked[0].concat(stacked[1:]))
 
     def _control_chain(self, control, batch, B):
-        """One chain of ControlBase copies per batch of windows, shared by positive and negative
+        """One chain of ControlBase copies per batch of regions, shared by every cond carrying `control`
         (ComfyUI batches cond with uncond only when they carry the same control object)."""
-        key = (id(control), batch)
+        key = (id(control), batch, B)
         if key not in self.controls:
-            regions = [self.plan.regions[i] for i in batch]
             chain, node = [], control
             while node is not None:
                 copy = node.copy()
                 for name in _CONTROL_RUN_STATE:
                     if hasattr(node, name) and getattr(copy, name, None) is None:
                         setattr(copy, name, getattr(node, name))
-                hint, ratio = self._canvas_hint(node)
-                scaled = [r.scaled(ratio) for r in regions]
-                extra = [stack_regions(_resize_like_comfy(e, hint.shape[-2:], node.upscale_algorithm), scaled, B)
-                         for e in node.extra_concat_orig]
-                copy.set_cond_hint(stack_regions(hint, scaled, B), strength=node.strength,
-                                   timestep_percent_range=node.timestep_percent_range, vae=node.vae,
-                                   extra_concat=extra)
+                crops = [self._hint_crop(node, i) for i in batch]
+                hint = crops[0][0] if len(batch) == 1 else torch.cat([comfy.utils.repeat_to_batch_size(c[0], B) for c in crops])
+                extra = [torch.cat([comfy.utils.repeat_to_batch_size(c[1][k], B) for c in crops]) if len(batch) > 1
+                         else crops[0][1][k] for k in range(len(node.extra_concat_orig))]
+                copy.set_cond_hint(hint, strength=node.strength, timestep_percent_range=node.timestep_percent_range,
+                                   vae=node.vae, extra_concat=extra)
                 chain.append(copy)
                 node = node.previous_controlnet
             for a, b in zip(chain, chain[1:]):
                 a.set_previous_controlnet(b)
             self.controls[key] = (control, chain[0])
         return self.controls[key][1]
+
+    def _hint_crop(self, control, i):
+        key = (id(control), i)
+        if key not in self.hint_crops:
+            hint, ratio = self._canvas_hint(control)
+            region = self.plan.regions[i].scaled(ratio)
+            extra = [gather(_resize_like_comfy(e, hint.shape[-2:], control.upscale_algorithm), region)
+                     for e in control.extra_concat_orig]
+            self.hint_crops[key] = (gather(hint, region), extra)
+        return self.hint_crops[key]
 
     def _canvas_hint(self, control):
         """The hint resized to the canvas exactly as ComfyUI would resize it for a full-canvas call."""
@@ -374,112 +727,148 @@ class _Run:
         _, hint, ratio = self.canvas_hints[id(control)]
         return hint, ratio
 
-    def sync_step(self, model_options, timestep, plan):
-        """(w_t, sigma, sigma_next / sigma) when this model call is a synced step, else None."""
-        sync = self.config.sync
-        if sync is None or len(plan.regions) < 2:
-            return None
-        schedule = model_options.get("transformer_options", {}).get("sample_sigmas")
-        if schedule is None:
-            return None
-        index = step_index(float(timestep[0]), schedule)
-        if index is None:
-            return None
-        weight = sync.schedule.weight_at(index, len(schedule) - 1)
-        if weight == 0.0:
-            return None
-        sigma = float(schedule[index])
-        return weight, sigma, float(schedule[index + 1]) / sigma
-
-    @contextlib.contextmanager
-    def differentiable_denoiser(self, executor, model, conds, x_in, timestep, model_options, extra_modules=()):
-        """denoise(i, x): region i's CFG x0-prediction at x, differentiable in x (inside inference mode)."""
-        grad_options = comfy.model_patcher.create_model_options_clone(model_options)
-        patches = grad_options.setdefault("transformer_options", {}).setdefault("patches", {})
-        # ControlNet residuals are added in place (h += ctrl) to skip tensors that the next block saved
-        # for backward; a copy after the skip connection keeps the saved tensor intact
-        patches["input_block_patch_after_skip"] = list(patches.get("input_block_patch_after_skip", [])) + [_copy_after_skip]
-        if self.cfg is None:
-            raise ValueError("sync / plan: AnchorSync and Reconstruction guidance need the guider's cfg scale; use "
-                             "ControlSync Sampler, KSampler or CFGGuider with the windowed model")
-
-        def denoise(i, x):
-            conds_w = [None if c is None else self.window_conds(c, (i,), x_in, positive=ci == 0)
-                       for ci, c in enumerate(conds)]
-            outs = executor(model, conds_w, x, timestep, grad_options)
-            return comfy.samplers.cfg_function(model, outs[0], outs[1], self.cfg, x, timestep,
-                                               model_options=grad_options, cond=conds_w[0], uncond=conds_w[1])
-
-        with autograd_through([model.diffusion_model] + _control_modules(conds) + list(extra_modules)):
-            yield denoise
-
-    def reconstruction_corrections(self, executor, model, conds, x_in, timestep, model_options):
-        """DiffCollage's Reconstruction: for every region holding known cells, (w / 2) grad ||H D - y||^2,
-        one region's graph at a time."""
-        known, mask = (t.to(x_in.device, x_in.dtype) for t in self.known)
-        weight, out = self.config.reconstruction, {}
-        with self.differentiable_denoiser(executor, model, conds, x_in, timestep, model_options) as denoise:
-            for i in range(len(self.plan.regions)):
-                m = self.view(mask, (i,))
-                if not bool(m.any()):
-                    continue
-                comfy.model_management.throw_exception_if_processing_interrupted()
-                # clones: tensors made in inference mode cannot be saved for backward
-                out[i], _ = reconstruction_correction(self.view(x_in, (i,)), functools.partial(denoise, i),
-                                                        self.view(known, (i,)).clone(), m.clone(), weight)
-        return out
-
-    def sync_deltas(self, executor, model, conds, x_in, timestep, model_options, weight, sigma):
-        """Every window's gradient step toward the anchor, one window's graph at a time."""
-        sync, plan = self.config.sync, self.plan
-        vae = sync.vae
-        modules = []
-        if sync.loss_decoder == "taesd":
-            taesd = load_taesd(model.latent_format, x_in.device)
-            device, loss_dtype = x_in.device, torch.float32
-        else:
-            comfy.model_management.load_models_gpu(comfy.model_management.loaded_models(only_currently_used=True) + [vae.patcher])
-            modules.append(vae.first_stage_model)
-            # LPIPS in float32 (float64 when the VAE runs in float64: exact gradient checks)
-            device, loss_dtype = vae.device, (torch.float64 if vae.vae_dtype == torch.float64 else torch.float32)
-        with self.differentiable_denoiser(executor, model, conds, x_in, timestep, model_options, modules) as denoise:
-            loss_net = load_lpips(sync.loss_net, device, loss_dtype)
-
-            def decode(x0):
-                if sync.loss_downscale > 1:
-                    x0 = torch.nn.functional.avg_pool2d(x0, sync.loss_downscale)
-                if sync.loss_decoder == "taesd":  # TAESD reads the model-space latent, as in ComfyUI's previews
-                    return taesd.decode(x0.float()).to(loss_dtype)
-                z = model.latent_format.process_out(x0).to(vae.device, vae.vae_dtype)
-                return vae.first_stage_model.decode(z).to(loss_dtype)
-
-            def loss(image, anchor_image):
-                return loss_net(image.to(anchor_image.device), anchor_image, normalize=False)
-
-            latents = [gather(x_in, r).clone() for r in plan.regions]
-            with torch.no_grad():
-                anchor_image = lpips_input(decode(denoise(plan.anchor, latents[plan.anchor])))
-
-            def gradient(i, x):
-                comfy.model_management.throw_exception_if_processing_interrupted()
-                return window_sync_gradient(x, functools.partial(denoise, i), decode, loss, anchor_image,
-                                            through_model=sync.through_model)
-
-            deltas, skipped = sync_deltas(latents, plan.anchor, weight, sigma, gradient)
-        if skipped:
-            logging.warning(f"ControlSync AnchorSync: non-finite sync loss or gradient at sigma {sigma:.4g} for "
-                            f"window(s) {skipped}; they skip this sync step")
-        return [d.detach() for d in deltas]
-
     def close(self):
         for _, head in self.controls.values():
             head.cleanup()
         self.controls.clear()
+        self.hint_crops.clear()
         self.canvas_hints.clear()
+
+
+# --- the gradient passes (AnchorSync and Reconstruction) ------------------------------------------
+
+def guided_x0(run, regions, x, timestep, model_options, record=False):
+    """The guider's x0-prediction for a batch of regions stacked along dim 0: the guider's own math
+    (CFG, DualCFG, PerpNeg, post-CFG functions, ...), with this wrapper evaluating just those regions.
+    Differentiable in x when grad is enabled."""
+    token = _focus.set(_Focus(run, tuple(regions), record))
+    try:
+        t = timestep if len(regions) == 1 else timestep.repeat(len(regions))
+        return run.ctx.guider(x, t, model_options=model_options, seed=run.ctx.seed)
+    finally:
+        _focus.reset(token)
+
+
+def _gradient_options(model_options):
+    """Options for a pass that autograd runs through: ControlNet residuals are added in place
+    (h += ctrl) to skip tensors the next block saved for backward; a copy after the skip connection
+    keeps the saved tensor intact."""
+    options = comfy.model_patcher.create_model_options_clone(model_options)
+    patches = options.setdefault("transformer_options", {}).setdefault("patches", {})
+    patches["input_block_patch_after_skip"] = list(patches.get("input_block_patch_after_skip", [])) + [_copy_after_skip]
+    return options
 
 
 def _copy_after_skip(h, transformer_options):
     return h.clone()
+
+
+def sync_moves(run, model, conds, x_in, timestep, model_options, sync, outputs):
+    """AnchorSync for this evaluation: every factor's gradient step toward the anchor factor, every
+    region's resulting move, and the fold that puts the moves into the denoised outputs. `outputs`:
+    the denoising pass's outputs at the unmoved latents (fast mode: the loss looks at them), or None
+    (exact mode: the gradient runs through the guider, the ControlNets and the model)."""
+    weight, sigma, r = sync
+    plan = run.ctx.plan
+    fast = outputs is not None
+    factors = factor_indices(plan)
+    latents = {i: gather(x_in, plan.regions[i]) for i in factors}
+    others = [i for i in factors if i != plan.anchor]
+    batches = _batches(plan, others, run.gradient_batch_size(model, conds, x_in))
+    decode, modules, loss = _loss_path(run, model, x_in)
+    if not fast:
+        modules = modules + [model.diffusion_model] + _control_modules(conds)
+    # the anchor's x0 (recorded: the denoising pass reuses it), and in the fast mode every factor's,
+    # through the guider's math on the outputs the denoising pass already has
+    x0s = {(plan.anchor,): guided_x0(run, (plan.anchor,), latents[plan.anchor], timestep, model_options, record=True)}
+    if fast:
+        for batch in batches:
+            x0s[batch] = guided_x0(run, batch, torch.cat([latents[i] for i in batch]), timestep, model_options)
+    bar = comfy.utils.ProgressBar(len(others))
+    with differentiable(modules):
+        anchor_image = lpips_input(decode(x0s[(plan.anchor,)].clone())).detach()
+        grad_options = _gradient_options(model_options)
+
+        def gradient(batch, x):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            if fast:
+                x0_of = identity_through(x0s[batch].clone())
+            else:
+                def x0_of(v):
+                    return guided_x0(run, batch, v, timestep, grad_options)
+            anchor = anchor_image.repeat(len(batch), *([1] * (anchor_image.ndim - 1)))
+            out = window_sync_gradient(x, x0_of, decode, loss, anchor)
+            bar.update(len(batch))
+            return out
+
+        deltas, skipped = sync_deltas({i: latents[i].clone() for i in others}, batches, weight, sigma, gradient)
+    if skipped:
+        logging.warning(f"ControlSync AnchorSync: non-finite sync loss or gradient at sigma {sigma:.4g} for "
+                        f"window(s) {sorted(skipped)}; they skip this sync step")
+    deltas = {i: d.detach() for i, d in deltas.items()}
+    deltas[plan.anchor] = torch.zeros_like(latents[plan.anchor])
+    return region_moves(plan, deltas), functools.partial(fold_fast if fast else fold_update, r=r)
+
+
+def _loss_path(run, model, x_in):
+    """(decode, modules autograd runs through, loss) of AnchorSync's perceptual loss."""
+    sync = run.ctx.config.sync
+    if sync.loss_decoder == "taesd":
+        taesd = load_taesd(model.latent_format, x_in.device)
+        device, loss_dtype, modules = x_in.device, torch.float32, []
+    else:
+        vae = sync.vae
+        comfy.model_management.load_models_gpu(comfy.model_management.loaded_models(only_currently_used=True) + [vae.patcher])
+        # LPIPS in float32 (float64 when the VAE runs in float64: exact gradient checks)
+        device, loss_dtype, modules = vae.device, (torch.float64 if vae.vae_dtype == torch.float64 else torch.float32), [vae.first_stage_model]
+    loss_net = load_lpips(sync.loss_net, device, loss_dtype)
+
+    def decode(x0):
+        if sync.loss_downscale > 1:
+            x0 = torch.nn.functional.avg_pool2d(x0, sync.loss_downscale)
+        if sync.loss_decoder == "taesd":  # TAESD reads the model-space latent, as in ComfyUI's previews
+            return taesd.decode(x0.float()).to(loss_dtype)
+        z = model.latent_format.process_out(x0).to(sync.vae.device, sync.vae.vae_dtype)
+        return sync.vae.first_stage_model.decode(z).to(loss_dtype)
+
+    def loss(image, anchor_image):
+        return loss_net(image.to(anchor_image.device), anchor_image, normalize=False)
+
+    return decode, modules, loss
+
+
+def reconstruction_correction(run, model, conds, x_in, timestep, model_options):
+    """DiffCollage's Reconstruction: (w / 2) grad_x ||H x0(x) - y||^2, x0 the merged collage prediction
+    through the guider's math (replayed on the outputs this evaluation merged), one region batch's graph
+    at a time: grad = sum_R scatter(J_R^T v_R), v_R the residual's share of region R in the merge."""
+    plan = run.ctx.plan
+    focused = run.ctx.config.focus is not None  # the latent is the one region itself
+
+    def view(t, i):
+        return t if focused else gather(t, plan.regions[i])
+
+    known, mask = (t.to(x_in.device, x_in.dtype) for t in run.known)
+    x0 = run.ctx.guider(x_in, timestep, model_options=model_options, seed=run.ctx.seed)
+    residual = 2 * mask * (x0 - known)
+    if not focused:
+        weights, norm = run.ctx.merge.weights(residual)
+        residual = residual / norm
+    touching = [i for i, c in enumerate(plan.coefficients) if c != 0 and bool(view(mask, i).any())]
+    grad = torch.zeros_like(x_in)
+    with differentiable([model.diffusion_model] + _control_modules(conds)):
+        options = _gradient_options(model_options)
+        for batch in _batches(plan, touching, run.gradient_batch_size(model, conds, x_in)):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            x = torch.cat([view(x_in, i) for i in batch]).clone().requires_grad_(True)
+            v = torch.cat([view(residual, i) * (1.0 if focused else weights[i]) for i in batch])
+            out = guided_x0(run, batch, x, timestep, options)
+            (g,) = torch.autograd.grad(out, x, grad_outputs=v.to(out))
+            for i, part in zip(batch, g.chunk(len(batch))):
+                if focused:
+                    grad += part.detach().to(grad)
+                else:
+                    scatter_add(grad, plan.regions[i], part.detach().to(grad))
+    return (run.ctx.config.reconstruction / 2) * grad
 
 
 def _control_modules(conds):
@@ -498,10 +887,11 @@ def _control_modules(conds):
 
 
 @contextlib.contextmanager
-def autograd_through(modules):
-    """Autograd inside ComfyUI's inference mode: weights loaded there are inference tensors, which
-    autograd cannot save for backward. Swap them for plain copies (no requires_grad) while the
-    gradient pass runs, and put the user's own tensors back afterwards, whatever happens."""
+def differentiable(modules):
+    """Autograd inside ComfyUI's inference mode. Weights loaded there are inference tensors, which
+    autograd cannot save for backward; while the gradient pass runs, each is replaced by a plain tensor
+    aliasing the same memory (no copy), and the user's own tensors are put back afterwards, whatever
+    happens. Nothing is swapped outside this block, so ComfyUI may move or patch weights between steps."""
     swapped, seen = [], set()
     with torch.inference_mode(False), torch.enable_grad():
         try:
@@ -513,14 +903,22 @@ def autograd_through(modules):
                     for store in (sub._parameters, sub._buffers):
                         for name, t in list(store.items()):
                             if t is not None and t.is_inference():
-                                copy = t.clone()
-                                store[name] = torch.nn.Parameter(copy, requires_grad=False) if isinstance(t, torch.nn.Parameter) else copy
+                                alias = _alias(t)
+                                store[name] = torch.nn.Parameter(alias, requires_grad=False) if isinstance(t, torch.nn.Parameter) else alias
                                 swapped.append((store, name, t))
             yield
         finally:
             for store, name, t in reversed(swapped):
                 store[name] = t
 
+
+def _alias(t: torch.Tensor) -> torch.Tensor:
+    """A normal tensor viewing an inference tensor's memory."""
+    alias = torch.empty(0, dtype=t.dtype, device=t.device)
+    return alias.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+
+
+# --- loss networks and weights on disk -----------------------------------------------------------
 
 _lpips_cache: dict = {}
 
@@ -537,7 +935,8 @@ def lpips_backbone_path(net: str) -> str:
 def load_lpips(net: str, device, dtype=torch.float32):
     key = (net, str(device), dtype)
     if key not in _lpips_cache:
-        _lpips_cache[key] = build_lpips(net, lpips_backbone_path(net)).to(device, dtype)
+        with torch.inference_mode(False):  # usable for gradients whichever mode it is first asked in
+            _lpips_cache[key] = build_lpips(net, lpips_backbone_path(net)).to(device, dtype)
     return _lpips_cache[key]
 
 
@@ -596,19 +995,3 @@ def _window_area(area, region):
     if y1 <= y0 or x1 <= x0:
         return None
     return (y1 - y0, x1 - x0, y0 - ry, x0 - rx)
-
-
-def _auto_window_batch(model, plan, conds, x_in) -> int:
-    """On a GPU, as many windows per call as fit in free memory with ComfyUI's own 1.5x margin
-    (twice the UNet estimate when ControlNets run too). On the CPU one: larger batches bring no
-    parallelism there and measured slower (tests/benchmark_windows.py)."""
-    if x_in.device.type == "cpu":
-        return 1
-    h, w = max(r.size for r in plan.regions)
-    n_conds = sum(c is not None for c in conds)
-    shape = [x_in.shape[0] * max(n_conds, 1), x_in.shape[1], h, w]
-    per_window = model.memory_required(shape)
-    has_control = any(c is not None and any(d.get("control") is not None for d in c) for c in conds)
-    per_window *= 2 if has_control else 1
-    free = comfy.model_management.get_free_memory(x_in.device)
-    return max(1, math.floor(free / (1.5 * per_window)))

@@ -91,7 +91,10 @@ class ControlSyncSampler(io.ComfyNode):
                                 "autoregressive order samples them one after another, so it runs without sync")
             return io.NodeOutput(bridge.sample_autoregressive(model, plan, seed, steps, cfg, sampler_name, scheduler,
                                                               positive, negative, latent_image, denoise))
-        windowed = bridge.windowed_model(model, plan, window_batch_size, sync)
+        # KSampler's denoise samples the last `steps` of an int(steps / denoise)-step schedule
+        total = steps if denoise > 0.9999 else int(steps / denoise) if denoise > 0 else None
+        windowed = bridge.windowed_model(model, plan, window_batch_size, sync,
+                                         schedule_position=None if total is None else (total - steps, total))
         (out,) = comfy_nodes.common_ksampler(windowed, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                              latent_image, denoise=denoise)
         return io.NodeOutput(out)

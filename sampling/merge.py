@@ -76,19 +76,40 @@ def normalizer(plan: RegionPlan, weights: list[torch.Tensor]) -> torch.Tensor:
     return total
 
 
-class Merger:
-    """Accumulates region predictions into the canvas prediction, in any order and batching."""
+class MergeRule:
+    """A plan's merge, built once: every region's weight c_i m_i and their normaliser, per dtype and
+    device (a sampling run merges every step with the same rule)."""
 
-    def __init__(self, plan: RegionPlan, like: torch.Tensor):
+    def __init__(self, plan: RegionPlan):
         self.plan = plan
-        self.weights = region_weights(plan, like.dtype, like.device)
+        self._built = {}
+
+    def weights(self, like: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        key = (like.dtype, str(like.device))
+        if key not in self._built:
+            weights = region_weights(self.plan, like.dtype, like.device)
+            self._built[key] = (weights, normalizer(self.plan, weights))
+        return self._built[key]
+
+    def merger(self, like: torch.Tensor) -> "Merger":
+        """An accumulator for one canvas prediction shaped like `like` (B, C, H, W)."""
+        return Merger(self.plan, like, self)
+
+
+class Merger:
+    """Accumulates region predictions into the canvas prediction, in any order and batching; regions
+    never added count as zero (a zero-coefficient region adds nothing anyway)."""
+
+    def __init__(self, plan: RegionPlan, like: torch.Tensor, rule: MergeRule | None = None):
+        self.plan = plan
+        self.weights, self.norm = (rule or MergeRule(plan)).weights(like)
         self.total = like.new_zeros(like.shape[:-2] + plan.canvas)
 
     def add(self, index: int, prediction: torch.Tensor) -> None:
         scatter_add(self.total, self.plan.regions[index], prediction * self.weights[index])
 
     def result(self) -> torch.Tensor:
-        return self.total / normalizer(self.plan, self.weights)
+        return self.total / self.norm
 
 
 def merge(plan: RegionPlan, predictions: list[torch.Tensor]) -> torch.Tensor:

@@ -4,15 +4,41 @@ Per synced step, every non-anchor window i moves by one gradient step
     x_i <- x_i - w_t * grad_{x_i} LPIPS(D(x0_i(x_i)), stopgrad(D(x0_anchor)))
 before it is denoised; the anchor is decoded once and not moved.
 
-ComfyUI samples in variance-exploding space, x = x0 + sigma * eps, while the papers step in the
-variance-preserving latent z = x / sqrt(1 + sigma^2) (z = sqrt(a) x0 + sqrt(1 - a) eps with
+Sigma space. ComfyUI samples in variance-exploding space, x = x0 + sigma * eps, while the papers step
+in the variance-preserving latent z = x / sqrt(1 + sigma^2) (z = sqrt(a) x0 + sqrt(1 - a) eps with
 sigma^2 = (1 - a) / a). Since grad_z L = sqrt(1 + sigma^2) grad_x L, the paper's step
 z <- z - w grad_z L is x <- x - w (1 + sigma^2) grad_x L in ComfyUI's space.
 
-A first-order deterministic step from x with denoised D (Euler in VE space, i.e. DDIM with eta 0)
-is x_next = r x + (1 - r) D with r = sigma_next / sigma. Stepping each window from its moved latent
-x - delta_i and averaging equals one step from x with D_eff = mean D(x - delta_i) - r / (1 - r) * mean delta_i,
-so the update folds into the denoised output the sampler sees: exact for euler and ddim.
+The fold. A first-order deterministic step from x with denoised D (Euler in VE space, i.e. DDIM with
+eta 0) is x_next = r x + (1 - r) D with r = sigma_next / sigma. Stepping each window from its moved
+latent x - delta_i and merging equals one step from x with
+    D_eff = merge_i D_i(x - delta_i) - r / (1 - r) * merge_i delta_i,
+so the update folds into the denoised output the sampler sees: exact for euler and ddim. The merge is
+any plan's: sum_i c_i m_i (.) / sum_i c_i m_i, signed DiffCollage coefficients included, since the
+step is linear and the coefficients on a cell sum to 1.
+
+Factor graphs. Only factors (windows) are synced toward the anchor factor. A variable (an overlap,
+or any intersection of factors) is not compared with the anchor: it is the same cells as seen by the
+factors holding it, so it moves with them, by the mean of their moves on its cells. This keeps the
+merge of consistent moves consistent: when the factors' moves agree on every cell (they are one canvas
+move Delta), every region moves by Delta on its cells and the merge, whose coefficients sum to 1 on
+each cell, moves the canvas by exactly Delta; on a chain, a half overlap between factors f and g gets
+delta_f + delta_g - (delta_f + delta_g) / 2 = their average, MultiDiffusion's average of the moved
+latents.
+
+The fast mode ("skip model Jacobian"). The gradient treats x0 as moving one to one with x
+(d x0 / d x = I), so the loss is differentiated through the decoder and LPIPS only, at the x0 the
+sampler's own denoising pass computed. Under the same approximation D_i(x - delta_i) = D_i(x) - delta_i,
+so the windows need not be denoised again: D_eff = merge_i D_i(x) - merge_i delta_i / (1 - r).
+
+Schedules. "The first 10 of 50 steps" (the papers) is the first 20% of the noise schedule. On a whole
+schedule of N steps it is counted in steps: the first floor(10 N / 50 + 1/2) steps are synced (half up:
+5 of 50 at 25 steps is 3), step t with weight w * decay^(t * 50 / N). A run that is part of a longer
+schedule counts in that schedule's steps: KSampler's denoise d samples the last N of int(N / d) steps,
+so its step i is step int(N / d) - N + i there. When only the sigmas are known and they are not a whole
+schedule (split sigmas, a custom schedule), the same part of the noise schedule is measured the way
+ComfyUI measures ControlNet start/end percents: a step is synced when its noise level p (0 = pure noise,
+1 = clean) is below 10/50, with weight w * decay^(50 p).
 """
 from __future__ import annotations
 
@@ -22,35 +48,69 @@ from typing import Callable
 
 import torch
 
+from .merge import gather, scatter_add
+from .plans import RegionPlan
+
 LOSS_NETS = ("vgg", "alex")
 
 
 @dataclass(frozen=True)
 class SyncSchedule:
-    """w_t = weight * decay^t for the first `steps` steps of a `reference_steps`-step schedule
-    (the papers: 20, 0.95, 10 of 50). At N steps the sync covers the same part of the noise
-    schedule: round(steps * N / reference_steps) steps, decaying by decay^(reference_steps / N) per step."""
+    """w_t = weight * decay^t for the first `steps` of a `reference_steps`-step schedule (the papers:
+    20, 0.95, 10 of 50); see the module doc for other step counts and partial schedules."""
     weight: float = 20.0
     decay: float = 0.95
     steps: int = 10
     reference_steps: int = 50
 
+    @property
+    def fraction(self) -> float:
+        return self.steps / self.reference_steps
+
     def synced_steps(self, total: int) -> int:
-        return round(self.steps * total / self.reference_steps)
+        return math.floor(self.steps * total / self.reference_steps + 0.5)
 
     def weight_at(self, index: int, total: int) -> float:
+        """Step `index` of a full schedule of `total` steps."""
         if index < 0 or index >= self.synced_steps(total):
             return 0.0
         return self.weight * self.decay ** (index * self.reference_steps / total)
 
+    def weight_at_level(self, level: float) -> float:
+        """A step starting at noise level `level` (0 = pure noise, 1 = clean) of a partial schedule."""
+        if level >= self.fraction - 1e-9:
+            return 0.0
+        return self.weight * self.decay ** (self.reference_steps * max(level, 0.0))
 
-def step_index(sigma: float, schedule: torch.Tensor) -> int | None:
-    """The index of `sigma` in the sampler's schedule, or None for an intermediate evaluation
-    (second-order samplers evaluate between schedule points; those calls are not synced)."""
-    close = torch.isclose(schedule.float(), torch.tensor(float(sigma)), rtol=1e-5, atol=1e-8).nonzero()
-    if len(close) == 0 or int(close[0]) >= len(schedule) - 1:
-        return None
-    return int(close[0])
+    def step_weights(self, sigmas: list[float], level_of: Callable[[float], float],
+                     position: tuple[int, int] | None = None) -> list[float]:
+        """w_t for every step of the schedule `sigmas` (ending with the final sigma). `position`:
+        (offset, total) when the schedule is steps offset .. of a known `total`-step schedule (a whole
+        schedule: (0, steps)); else the noise-level rule, `level_of(sigma)` giving a sigma's level."""
+        steps = len(sigmas) - 1
+        if self.weight == 0.0 or steps < 1:
+            return [0.0] * max(steps, 0)
+        if position is not None:
+            offset, total = position
+            return [self.weight_at(offset + i, total) for i in range(steps)]
+        weights = []
+        for sigma in sigmas[:-1]:
+            # noise levels only grow along a schedule: stop looking once past the synced part
+            weights.append(self.weight_at_level(level_of(sigma)) if not weights or weights[-1] > 0 else 0.0)
+        return weights
+
+
+def noise_level(sigma: float, percent_to_sigma: Callable[[float], float]) -> float:
+    """The p in [0, 1] with percent_to_sigma(p) = sigma (a model's decreasing map, as ComfyUI's
+    `model_sampling.percent_to_sigma`), by bisection."""
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if percent_to_sigma(mid) > sigma:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
 
 
 def ve_step_scale(sigma: float) -> float:
@@ -64,48 +124,82 @@ def lpips_input(decoded: torch.Tensor) -> torch.Tensor:
     return decoded.clamp(-1.0, 1.0)
 
 
-def window_sync_gradient(x: torch.Tensor, denoise: Callable, decode: Callable, loss: Callable,
-                         anchor_image: torch.Tensor, through_model: bool = True):
-    """(loss, grad_x loss) of one window at latent `x`.
+def window_sync_gradient(x: torch.Tensor, x0_of: Callable, decode: Callable, loss: Callable,
+                         anchor_image: torch.Tensor):
+    """(per-window loss, grad_x of their sum) for a batch of windows stacked along dim 0.
 
-    denoise(x) -> x0 prediction (with CFG); decode(x0) -> image in [-1, 1]; loss(image, anchor) -> scalar.
-    through_model=False skips the Jacobian of the denoiser (x0 moves one to one with x): the fast mode.
+    x0_of(x) -> the windows' x0-predictions (differentiable in x, or a fixed x0 plus the identity in
+    the fast mode); decode(x0) -> images in [-1, 1]; loss(images, anchor) -> one value per window.
+    Windows do not interact, so the gradient of the sum is every window's own gradient.
     """
     x = x.detach().requires_grad_(True)
-    if through_model:
-        x0 = denoise(x)
-    else:
-        with torch.no_grad():
-            x0_fixed = denoise(x.detach())
-        x0 = x0_fixed + (x - x.detach())
-    value = loss(lpips_input(decode(x0)), anchor_image).sum()
-    (grad,) = torch.autograd.grad(value, x)
-    return value.detach(), grad
+    values = loss(lpips_input(decode(x0_of(x))), anchor_image).flatten()
+    (grad,) = torch.autograd.grad(values.sum(), x)
+    return values.detach(), grad
 
 
-def sync_deltas(window_latents: list[torch.Tensor], anchor: int, weight: float, sigma: float,
-                gradient: Callable[[int, torch.Tensor], tuple]) -> tuple[list[torch.Tensor], list[int]]:
-    """delta_i = w_t (1 + sigma^2) grad_i for every window (zero for the anchor), computed one
-    window at a time so only one gradient graph is alive. A window whose loss or gradient is not
-    finite gets no update; its index is returned so the caller can warn."""
-    scale = weight * ve_step_scale(sigma)
-    deltas, skipped = [], []
-    for i, x in enumerate(window_latents):
-        if i == anchor or weight == 0.0:
-            deltas.append(torch.zeros_like(x))
-            continue
-        value, grad = gradient(i, x)
-        if not (math.isfinite(float(value)) and bool(torch.isfinite(grad).all())):
-            skipped.append(i)
-            deltas.append(torch.zeros_like(x))
-            continue
-        deltas.append((scale * grad).to(x.dtype))
+def identity_through(x0: torch.Tensor) -> Callable:
+    """The fast mode's x0(x): the given prediction, moving one to one with x."""
+    return lambda x: x0.detach() + (x - x.detach())
+
+
+def sync_deltas(latents: dict[int, torch.Tensor], batches: list[tuple[int, ...]], weight: float, sigma: float,
+                gradient: Callable[[tuple, torch.Tensor], tuple], step_scale: Callable[[float], float] = ve_step_scale
+                ) -> tuple[dict[int, torch.Tensor], list[int]]:
+    """delta_i = w_t * step_scale(sigma) * grad_i for every window in `batches` (each batch one gradient
+    graph, windows stacked along dim 0 as `latents` are: (B, C, h, w) each). A window whose loss or
+    gradient is not finite gets no update; its index is returned so the caller can warn."""
+    scale = weight * step_scale(sigma)
+    deltas, skipped = {}, []
+    for batch in batches:
+        values, grad = gradient(batch, torch.cat([latents[i] for i in batch]))
+        per_window = grad.chunk(len(batch))
+        per_value = values.chunk(len(batch))
+        for i, g, v in zip(batch, per_window, per_value):
+            if bool(torch.isfinite(v).all()) and bool(torch.isfinite(g).all()):
+                deltas[i] = (scale * g).to(latents[i].dtype)
+            else:
+                skipped.append(i)
+                deltas[i] = torch.zeros_like(latents[i])
     return deltas, skipped
+
+
+def factor_indices(plan: RegionPlan) -> list[int]:
+    """The regions that are factors (windows), synced toward the anchor; the rest are variables."""
+    if not plan.factors_of:
+        return list(range(len(plan.regions)))
+    return [i for i, f in enumerate(plan.factors_of) if f == (i,)]
+
+
+def region_moves(plan: RegionPlan, factor_moves: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+    """Every region's move: a factor its own; any other region the mean, on its cells, of the moves of
+    the factors holding it (see the module doc)."""
+    like = next(iter(factor_moves.values()))
+    moves = []
+    for i, region in enumerate(plan.regions):
+        if i in factor_moves:
+            moves.append(factor_moves[i])
+            continue
+        holders = plan.factors_of[i] if plan.factors_of else ()
+        if not holders:
+            raise ValueError(f"region {i} is neither a factor nor held by one: its move is undefined")
+        canvas = like.new_zeros(like.shape[:-2] + plan.canvas)
+        for f in holders:
+            scatter_add(canvas, plan.regions[f], factor_moves[f])
+        moves.append(gather(canvas, region) / len(holders))
+    return moves
 
 
 def fold_update(denoised: torch.Tensor, merged_delta: torch.Tensor, r: float) -> torch.Tensor:
     """D_eff = D(x - delta) - r / (1 - r) * delta: the denoised output whose first-order step from the
-    unmoved canvas equals the average of the windows' steps from their moved latents."""
+    unmoved canvas equals the merge of the windows' steps from their moved latents."""
     if r >= 1.0:
         raise ValueError(f"sigma_next / sigma = {r} >= 1: the schedule does not decrease")
     return denoised - (r / (1.0 - r)) * merged_delta
+
+
+def fold_fast(denoised: torch.Tensor, merged_delta: torch.Tensor, r: float) -> torch.Tensor:
+    """The fast mode's fold, D(x - delta) taken as D(x) - delta: D_eff = D(x) - delta / (1 - r)."""
+    if r >= 1.0:
+        raise ValueError(f"sigma_next / sigma = {r} >= 1: the schedule does not decrease")
+    return denoised - merged_delta / (1.0 - r)

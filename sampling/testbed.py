@@ -79,10 +79,13 @@ def sample(world: GlobalStyleWorld, plan: RegionPlan, n: int, steps: int = 60, s
             with torch.no_grad():
                 anchor_image = denoise(plan.anchor, windows[plan.anchor], sigma)
 
-            def gradient(i, xw, sigma=sigma, anchor_image=anchor_image):
+            def gradient(batch, xw, sigma=sigma, anchor_image=anchor_image):
+                (i,) = batch
                 return window_sync_gradient(xw, lambda v: denoise(i, v, sigma), lambda x0: x0, style_loss, anchor_image)
+            others = [i for i in range(len(windows)) if i != plan.anchor]
             with torch.enable_grad():
-                deltas, _ = sync_deltas(windows, plan.anchor, weight, sigma, gradient)
+                moved, _ = sync_deltas({i: windows[i] for i in others}, [(i,) for i in others], weight, sigma, gradient)
+            deltas = [moved.get(i, torch.zeros_like(w)) for i, w in enumerate(windows)]
             windows = [w - d for w, d in zip(windows, deltas)]
         predicted = merge(plan, [denoise(i, w, sigma) for i, w in enumerate(windows)])
         if deltas is not None:

@@ -213,11 +213,16 @@ def recorded_run(s, world, sync, steps=1, **kw):
     return recorder.calls, out
 
 
-def first_step_deltas(calls):
-    """Window latents of the first denoising pass (after the gradient passes), as deltas from the canvas."""
+def first_step_latents(calls):
+    """(unmoved, moved) latents of every window in the first synced step, read below the wrapper: the
+    anchor's evaluation comes first, then one gradient pass per other window at its unmoved latent, then
+    the denoising pass at the moved latents - without the anchor, whose output is reused."""
     grad_done = [i for i, c in enumerate(calls) if c[1]]
-    denoise = calls[grad_done[-1] + 1: grad_done[-1] + 1 + len(WINDOW_STARTS)]
-    return [c[0] for c in denoise]
+    assert not calls[0][1] and grad_done == list(range(1, len(WINDOW_STARTS)))
+    unmoved = [calls[0][0]] + [calls[i][0] for i in grad_done]
+    denoise = calls[grad_done[-1] + 1: grad_done[-1] + len(WINDOW_STARTS)]
+    assert all(not c[1] for c in denoise) and len(denoise) == len(WINDOW_STARTS) - 1
+    return unmoved, [calls[0][0]] + [c[0] for c in denoise]
 
 
 def test_gradient_matches_finite_differences_in_float64(s, world64):
@@ -225,12 +230,8 @@ def test_gradient_matches_finite_differences_in_float64(s, world64):
     written out in the test (float64 models, LPIPS and VAE)."""
     weight = 0.5
     calls, _ = recorded_run(s, world64, sync_settings(s, world64, weight=weight, decay=1.0))
-    moved = first_step_deltas(calls)
-    anchor_call = calls[0]
-    assert not anchor_call[1]  # the anchor is decoded without a graph
+    canvas_windows, moved = first_step_latents(calls)
     sigma = torch.tensor(calls[0][2], dtype=torch.float64)
-    canvas_windows = [anchor_call[0]]  # window 0 evaluated at its unmoved latent
-    canvas_windows += [c[0] for c in calls if c[1]]  # gradient passes at the unmoved window latents
     plain64 = build_world(s, torch.float64, inference=False)
     ref = Reference(s, plain64)
     with torch.no_grad():
@@ -255,10 +256,7 @@ def test_gradient_matches_finite_differences_in_float64(s, world64):
 def test_anchor_is_not_moved_and_hint_reaches_the_gradient(s):
     world = s.inference
     calls, _ = recorded_run(s, world, sync_settings(s, world))
-    grad_calls = [c for c in calls if c[1]]
-    assert len(grad_calls) == len(WINDOW_STARTS) - 1  # every window but the anchor
-    moved = first_step_deltas(calls)
-    unmoved = [calls[0][0]] + [c[0] for c in grad_calls]
+    unmoved, moved = first_step_latents(calls)
     assert torch.equal(moved[0], unmoved[0])  # the anchor's own update is zero
     assert all(not torch.equal(m, u) for m, u in zip(moved[1:], unmoved[1:]))
     # another condition image (only the hint differs): other gradients
@@ -266,8 +264,9 @@ def test_anchor_is_not_moved_and_hint_reaches_the_gradient(s):
         pos, neg = s.nodes.ControlNetApplyAdvanced().apply_controlnet(world["pos_text"], world["neg_text"], world["cn"],
                                                                       s.image.flip(2), 1.0, 0.0, 1.0)
     calls2, _ = recorded_run(s, world, sync_settings(s, world), pos=pos, neg=neg)
-    moved2 = first_step_deltas(calls2)
-    assert not torch.equal(moved[2] - unmoved[2], moved2[2] - calls2[2][0])
+    unmoved2, moved2 = first_step_latents(calls2)
+    assert torch.equal(unmoved2[2], unmoved[2])
+    assert not torch.equal(moved[2] - unmoved[2], moved2[2] - unmoved2[2])
 
 
 def test_weight_zero_is_exactly_unsynced_and_sync_changes_the_result(s):
