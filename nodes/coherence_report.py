@@ -45,6 +45,7 @@ class CoherenceReport(io.ComfyNode):
             display_name="Coherence Report (ControlSync)",
             search_aliases=("SyncDiffusion", "panorama", "LPIPS", "seam", "metrics"),
             category="sampling/controlsync",
+            is_output_node=True,  # its preview shows on the node, also when queued on its own
             description="Measures how coherent a large image is: each window's LPIPS to the anchor window (drift), "
                         "intra-LPIPS over non-overlapping crops (SyncDiffusion's metric), the seam score across the "
                         "wrap (1.0 = as invisible as any interior column) and, with a condition image, the edge F1. "

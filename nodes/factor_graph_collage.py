@@ -29,6 +29,7 @@ class FactorGraphCollage(io.ComfyNode):
             display_name="Factor Graph Collage (DiffCollage, 360 loop)",
             search_aliases=("DiffCollage", "panorama", "seamless", "360", "loop", "cubemap", "outpainting", "tiled diffusion"),
             category="sampling/controlsync",
+            is_output_node=True,  # its preview shows on the node, also when queued on its own
             description="DiffCollage: the canvas as a factor graph of model-sized pieces. Every step the model "
                         "denoises each factor and each overlap, and the canvas prediction is sum(factors) - "
                         "sum((degree-1) * overlaps): exact for tree-shaped graphs, where plain averaging is not. "

@@ -23,6 +23,7 @@ class WindowPlanner(io.ComfyNode):
             display_name="Window Planner (panorama, MultiDiffusion)",
             search_aliases=("panorama", "tiled diffusion", "MultiDiffusion", "SyncDiffusion", "windows", "large image"),
             category="sampling/controlsync",
+            is_output_node=True,  # its preview shows on the node, also when queued on its own
             description="Cuts a large canvas into overlapping model-sized windows for ControlSync Sampler. "
                         "The preview draws the windows (anchor tinted pink) over the condition image; the latent "
                         "output is a matching empty latent.",
