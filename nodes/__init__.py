@@ -2,6 +2,7 @@
 from .anchor_sync import AnchorSync
 from .coherence_report import CoherenceReport
 from .controlsync_sampler import ControlSyncSampler
+from .cubemap_layout import CubemapLayout
 from .cubemap_to_equirect import CubemapToEquirect
 from .equirect_to_cubemap import EquirectToCubemap
 from .factor_graph_collage import FactorGraphCollage
@@ -10,4 +11,4 @@ from .window_planner import WindowPlanner
 from .windowed_model import ControlSyncWindowedModel
 
 NODES = [WindowPlanner, ControlSyncSampler, AnchorSync, FactorGraphCollage, LoopDecode, CubemapToEquirect, EquirectToCubemap,
-         CoherenceReport, ControlSyncWindowedModel]
+         CubemapLayout, CoherenceReport, ControlSyncWindowedModel]

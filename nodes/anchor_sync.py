@@ -5,16 +5,16 @@ from comfy_api.latest import io
 
 from ..sampling.sync import LOSS_NETS, SyncSchedule
 from . import bridge
-
-SyncType = io.Custom("SYNC")
+from .schema import SyncType, schema
 
 
 class AnchorSync(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="AnchorSync",
-            display_name="Anchor Sync (ControlSync)",
+            display_name="Anchor Sync (SyncDiffusion)",
+            search_aliases=("SyncDiffusion", "panorama", "coherent", "LPIPS", "style consistency"),
             category="sampling/controlsync",
             description="SyncDiffusion / ControlSync synchronisation for ControlSync Sampler: in the first steps, "
                         "every window takes one gradient step that lowers the LPIPS distance between its decoded "

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..sampling import gather, metrics
 from ..sampling.preview import ANCHOR_COLOR
 from . import bridge
-from .window_planner import LATENT_CELL_PX, WindowPlanType
+from .schema import WindowPlanType, schema
+from .window_planner import LATENT_CELL_PX
 
 CHART_HEIGHT, BAR_WIDTH, GAP = 240, 24, 6
 BAR_COLOR = torch.tensor([0.2, 0.6, 0.95])
@@ -39,10 +40,12 @@ def drift_chart(drift: list[float], anchor: int, seam: float, edge: float | None
 class CoherenceReport(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="ControlSyncCoherenceReport",
             display_name="Coherence Report (ControlSync)",
+            search_aliases=("SyncDiffusion", "panorama", "LPIPS", "seam", "metrics"),
             category="sampling/controlsync",
+            is_output_node=True,  # its preview shows on the node, also when queued on its own
             description="Measures how coherent a large image is: each window's LPIPS to the anchor window (drift), "
                         "intra-LPIPS over non-overlapping crops (SyncDiffusion's metric), the seam score across the "
                         "wrap (1.0 = as invisible as any interior column) and, with a condition image, the edge F1. "
@@ -107,4 +110,7 @@ class CoherenceReport(io.ComfyNode):
                             + (f" | seam (window edges) {boundary:.2f}" if boundary is not None else "")
                             + (f" | edge F1 {edge:.3f}" if edge is not None else "")
                             + " | drift per window " + " ".join(f"{v:.3f}" for v in drift))
-        return io.NodeOutput(torch.stack(charts), "\n".join(rows))
+        charts, text = torch.stack(charts), "\n".join(rows)
+        # shown on the node itself: the chart as a preview image, the numbers as text (web/report_text.js)
+        shown = {**ui.PreviewImage(charts, cls=cls).as_dict(), **ui.PreviewText(text).as_dict()}
+        return io.NodeOutput(charts, text, ui=shown)

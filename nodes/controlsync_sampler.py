@@ -9,8 +9,7 @@ import comfy.samplers
 import nodes as comfy_nodes  # ComfyUI's nodes.py
 
 from . import bridge
-from .anchor_sync import SyncType
-from .window_planner import WindowPlanType
+from .schema import SyncType, WindowPlanType, schema
 
 
 def window_batch_input():
@@ -43,9 +42,10 @@ def check_mask_fits(mask_hw, canvas, factor) -> None:
 class ControlSyncSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="ControlSyncSampler",
-            display_name="ControlSync Sampler",
+            display_name="ControlSync Sampler (tiled diffusion, panorama)",
+            search_aliases=("panorama", "tiled diffusion", "MultiDiffusion", "SyncDiffusion", "DiffCollage", "ControlNet", "large image", "seamless", "360"),
             category="sampling/controlsync",
             description="KSampler for canvases larger than the model: every step, each window of the plan is "
                         "denoised with its own crop of every ControlNet hint, and the windows are averaged where they "

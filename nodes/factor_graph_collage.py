@@ -9,6 +9,8 @@ from comfy_api.latest import io
 from ..sampling.conditional import METHODS, ORDERS
 from ..sampling.conditioning import VARIABLE_PROMPTS, along_chain
 from ..sampling.collage import GRAPHS, FactorGraphPlan
+from .cubemap_layout import convert_image, layout_input
+from .schema import schema
 from .window_planner import LATENT_CELL_PX, canvas_inputs, canvas_size, plan_output, plan_outputs
 
 
@@ -22,10 +24,12 @@ def encode(clip, text):
 class FactorGraphCollage(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="FactorGraphCollage",
-            display_name="Factor Graph Collage (ControlSync)",
+            display_name="Factor Graph Collage (DiffCollage, 360 loop)",
+            search_aliases=("DiffCollage", "panorama", "seamless", "360", "loop", "cubemap", "outpainting", "tiled diffusion"),
             category="sampling/controlsync",
+            is_output_node=True,  # its preview shows on the node, also when queued on its own
             description="DiffCollage: the canvas as a factor graph of model-sized pieces. Every step the model "
                         "denoises each factor and each overlap, and the canvas prediction is sum(factors) - "
                         "sum((degree-1) * overlaps): exact for tree-shaped graphs, where plain averaging is not. "
@@ -90,6 +94,11 @@ class FactorGraphCollage(io.ComfyNode):
                                               "joined by Conditioning (Combine), each combine putting its second input "
                                               "after the first. Any text encoder or LoRA'd CLIP works; only the text "
                                               "embeddings are used."),
+                layout_input("cubemap_layout", "Cubemap graph only: the layout of the connected image, which is "
+                                               "rearranged into the strip the graph samples (canvas size and "
+                                               "preview). The latent and the ControlNet condition are always the "
+                                               "strip: convert a condition from another tool with Cubemap Layout "
+                                               "before Apply ControlNet.", optional=True),
             ],
             outputs=plan_outputs("factors"),
         )
@@ -98,7 +107,9 @@ class FactorGraphCollage(io.ComfyNode):
     def execute(cls, graph, width, height, window_width, window_height, overlap, direction, anchor_index,
                 prompt_mode="one for all", prompts="", variable_prompts="mean", clip=None, known_pixels="replacement",
                 reconstruction_weight=1.0, order="joint", image=None, latent=None,
-                factor_conditioning=None) -> io.NodeOutput:
+                factor_conditioning=None, cubemap_layout="strip") -> io.NodeOutput:
+        if graph == "cubemap" and image is not None:
+            image = convert_image(image, cubemap_layout, "strip")
         if graph == "cubemap":
             height, width = cubemap_canvas(width, height, image, latent)
         else:
@@ -113,7 +124,7 @@ class FactorGraphCollage(io.ComfyNode):
             latent_hw = (height // LATENT_CELL_PX, width // LATENT_CELL_PX)
             return replace(plan, **factor_prompts(plan, latent_hw, prompt_mode, prompts, variable_prompts, clip,
                                                   factor_conditioning))
-        return plan_output("FactorGraphCollage", make_plan, image, latent)
+        return plan_output(cls, make_plan, image, latent)
 
 
 def cubemap_canvas(width, height, image=None, latent=None) -> tuple[int, int]:

@@ -6,6 +6,7 @@ from comfy_api.latest import io
 
 from ..sampling import PlanError
 from ..sampling.cubemap import RINGS, check_strip, crossing_weight, ring_strip
+from .schema import schema
 
 LAYOUTS = ("loop", "cubemap")
 
@@ -18,9 +19,10 @@ def wrap_pad(samples: torch.Tensor, cells: int) -> torch.Tensor:
 class LoopDecode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="ControlSyncLoopDecode",
-            display_name="Loop VAE Decode (ControlSync)",
+            display_name="Loop VAE Decode (seamless 360)",
+            search_aliases=("seamless", "360", "panorama", "tileable", "cubemap", "VAE decode"),
             category="sampling/controlsync",
             description="Decodes a seamless horizontal loop (a Factor Graph Collage 'cycle', a 360 panorama) or a "
                         "360 cubemap so no seam appears after decoding: the decoder sees what continues across each "

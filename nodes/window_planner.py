@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 import comfy.utils
 
 from ..sampling import PlanError, WindowPlan
 from ..sampling.preview import draw_plan
 from . import bridge
+from .schema import WindowPlanType, schema
 
-WindowPlanType = io.Custom("WINDOW_PLAN")
 PREVIEW_MAX_SIDE = 2048
 LATENT_CELL_PX = 8  # an empty LATENT carries no VAE factor; SD1.5/SDXL/SD3/Flux all use 8
 
@@ -18,10 +18,12 @@ LATENT_CELL_PX = 8  # an empty LATENT carries no VAE factor; SD1.5/SDXL/SD3/Flux
 class WindowPlanner(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="WindowPlanner",
-            display_name="Window Planner (ControlSync)",
+            display_name="Window Planner (panorama, MultiDiffusion)",
+            search_aliases=("panorama", "tiled diffusion", "MultiDiffusion", "SyncDiffusion", "windows", "large image"),
             category="sampling/controlsync",
+            is_output_node=True,  # its preview shows on the node, also when queued on its own
             description="Cuts a large canvas into overlapping model-sized windows for ControlSync Sampler. "
                         "The preview draws the windows (anchor tinted pink) over the condition image; the latent "
                         "output is a matching empty latent.",
@@ -55,7 +57,7 @@ class WindowPlanner(io.ComfyNode):
     def execute(cls, width, height, window_width, window_height, stride, anchor, anchor_index, blend,
                 image=None, latent=None) -> io.NodeOutput:
         height, width = canvas_size(width, height, image, latent)
-        return plan_output("WindowPlanner", lambda: WindowPlan((height, width), (window_height, window_width),
+        return plan_output(cls, lambda: WindowPlan((height, width), (window_height, window_width),
                                                                (stride, stride), anchor, anchor_index, blend),
                            image, latent)
 
@@ -75,14 +77,16 @@ def plan_outputs(regions: str):
             io.Latent.Output(display_name="latent", tooltip="The connected latent, or an empty latent of the canvas size.")]
 
 
-def plan_output(node: str, make_plan, image=None, latent=None) -> io.NodeOutput:
-    """The plan (checked by laying it out at 8 px per cell), its preview and the canvas latent."""
+def plan_output(node, make_plan, image=None, latent=None) -> io.NodeOutput:
+    """The plan (checked by laying it out at 8 px per cell), its preview - also shown on the node itself -
+    and the canvas latent."""
     try:
         plan = make_plan()
         layout = plan.layout(tuple(v // LATENT_CELL_PX for v in plan.canvas_px), LATENT_CELL_PX)
     except PlanError as e:
-        raise ValueError(f"{node}: {e}") from None
-    return io.NodeOutput(plan, preview(layout, image), latent or empty_latent(*plan.canvas_px))
+        raise ValueError(f"{node.define_schema().node_id}: {e}") from None
+    drawing = preview(layout, image)
+    return io.NodeOutput(plan, drawing, latent or empty_latent(*plan.canvas_px), ui=ui.PreviewImage(drawing, cls=node))
 
 
 def canvas_size(width, height, image=None, latent=None) -> tuple[int, int]:

@@ -4,17 +4,17 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from . import bridge
-from .anchor_sync import SyncType
 from .controlsync_sampler import window_batch_input
-from .window_planner import WindowPlanType
+from .schema import SyncType, WindowPlanType, schema
 
 
 class ControlSyncWindowedModel(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="ControlSyncWindowedModel",
-            display_name="ControlSync Windowed Model (custom sampling)",
+            display_name="ControlSync Windowed Model (tiled diffusion, custom sampling)",
+            search_aliases=("tiled diffusion", "panorama", "MultiDiffusion", "SyncDiffusion", "DiffCollage"),
             category="sampling/controlsync",
             description="Returns a copy of the MODEL that samples over the window plan, for SamplerCustomAdvanced, "
                         "custom guiders and any sampler node: the same code as ControlSync Sampler. The latent must "

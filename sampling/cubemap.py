@@ -6,6 +6,9 @@ horizon ring left, front, right, back (which already continue each other), then 
 Directions are (x right, y up, z front); on a face, u runs left to right and v top to bottom,
 both over [-1, 1], as a camera at the cube's centre looking at that face sees it.
 
+Other 360 tools (pytorch360convert, py360convert) lay the same face images out differently: `LAYOUTS`
+names them, `cube_faces` / `cube_layout` convert (the canvas the graph samples is always the strip).
+
 The graph (DiffCollage, supplementary A): the three 4-face loops LFRB, ULDR and UFDB are the
 factors, and the opposite face pairs they share, {L, R}, {U, D}, {F, B}, the variables. Each loop
 is itself a cycle factor graph of windows (a horizontal loop laid along the ring), and a face pair
@@ -31,6 +34,64 @@ RINGS = {
     "UFDB": ((U, 1), (F, 1), (D, 1), (B, 3)),
 }
 PAIRS = ((L, R), (U, D), (F, B))
+
+
+# Where the faces sit in each layout. Every layout shows a face the same way (as a camera at the cube's
+# centre sees it, up at the top): pytorch360convert's and py360convert's face orientation, which is ours.
+HORIZON = (F, R, B, L, U, D)   # pytorch360convert's 'horizon' strip and its list / stack / dict order
+DICE_CELLS = {U: (0, 1), L: (1, 0), F: (1, 1), R: (1, 2), B: (1, 3), D: (2, 1)}  # (row, column): the 4x3 cross
+LAYOUTS = {
+    "strip": "6 faces in a row: left, front, right, back, up, down (the cubemap graph's canvas)",
+    "horizon": "6 faces in a row: front, right, back, left, up, down (pytorch360convert / py360convert 'horizon')",
+    "dice": "a 4x3 cross: up above front; left, front, right, back across; down below front (pytorch360convert "
+            "'dice')",
+    "faces": "a batch of 6 square images per cubemap: front, right, back, left, up, down (pytorch360convert "
+             "'list' / 'stack' order)",
+}
+
+
+def cube_faces(image: torch.Tensor, layout: str) -> list[torch.Tensor]:
+    """The six faces (..., C, S, S) in the order of `FACES` of a cubemap image (..., C, H, W) in `layout`.
+    For 'faces' the cubemaps are groups of 6 along the first (batch) dimension."""
+    h, w = image.shape[-2:]
+    if layout == "faces":
+        if image.ndim != 4 or image.shape[0] % 6 or h != w:
+            raise PlanError(f"a 'faces' cubemap is a batch of 6 square images per cubemap ({', '.join(FACES[f] for f in HORIZON)}); "
+                            f"got a batch of {image.shape[0] if image.ndim == 4 else 1} of {w}x{h}")
+        grouped = image.view(-1, 6, *image.shape[1:])
+        return [grouped[:, HORIZON.index(f)] for f in range(6)]
+    if layout == "dice":
+        if w * 3 != h * 4:
+            raise PlanError(f"a 'dice' cubemap is a cross 4 faces wide and 3 high (4:3); got {w}x{h}")
+        size = h // 3
+        return [image[..., r * size:(r + 1) * size, c * size:(c + 1) * size] for r, c in (DICE_CELLS[f] for f in range(6))]
+    if layout not in ("strip", "horizon"):
+        raise PlanError(f"unknown cubemap layout '{layout}' (known: {', '.join(LAYOUTS)})")
+    size = check_strip((h, w), f"a '{layout}' cubemap")
+    row = image.split(size, dim=-1)
+    return list(row) if layout == "strip" else [row[HORIZON.index(f)] for f in range(6)]
+
+
+def cube_layout(faces: list[torch.Tensor], layout: str) -> torch.Tensor:
+    """The six faces (in the order of `FACES`) laid out as `layout`; the dice's empty cells are 0."""
+    if layout == "strip":
+        return torch.cat(faces, dim=-1)
+    if layout == "horizon":
+        return torch.cat([faces[f] for f in HORIZON], dim=-1)
+    if layout == "faces":
+        return torch.stack([faces[f] for f in HORIZON], dim=1).flatten(0, 1)
+    if layout != "dice":
+        raise PlanError(f"unknown cubemap layout '{layout}' (known: {', '.join(LAYOUTS)})")
+    size = faces[0].shape[-1]
+    out = faces[0].new_zeros(faces[0].shape[:-2] + (3 * size, 4 * size))
+    for f, (r, c) in DICE_CELLS.items():
+        out[..., r * size:(r + 1) * size, c * size:(c + 1) * size] = faces[f]
+    return out
+
+
+def convert_cube_layout(image: torch.Tensor, source: str, target: str) -> torch.Tensor:
+    """A cubemap image (B, C, H, W) from one layout to another."""
+    return image if source == target else cube_layout(cube_faces(image, source), target)
 
 
 def face_direction(face: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,9 @@ import torch
 
 LPIPS_BACKBONES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}
 VGG19_FILE = "vgg19-dcbb9e9d.pth"  # torchvision's ImageNet VGG19, for the paper's style loss
+# torchvision's official copies of the files and their sizes, for the missing-file message (never downloaded here)
+WEIGHTS_URL = "https://download.pytorch.org/models/"
+WEIGHTS_MB = {"vgg16-397923af.pth": 528, "alexnet-owt-7be5be79.pth": 233, VGG19_FILE: 548}
 _VGG19 = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512]
 _VGG19_STYLE_LAYERS = (1, 6, 11, 20, 29)  # relu1_1, relu2_1, relu3_1, relu4_1, relu5_1 in torchvision's `features`
 
@@ -19,7 +22,8 @@ def find_weights(name: str, folders: list[str], purpose: str) -> str:
             return path
     raise FileNotFoundError(
         f"{purpose} needs torchvision's ImageNet backbone file '{name}', found in none of: {', '.join(folders)}. "
-        f"Put '{name}' into ComfyUI/models/lpips/ (nothing is downloaded at run time).")
+        f"Download it ({WEIGHTS_MB.get(name, '?')} MB) from {WEIGHTS_URL}{name} and put it into "
+        f"ComfyUI/models/lpips/ (nothing is downloaded at run time).")
 
 
 def find_backbone(net: str, folders: list[str]) -> str:

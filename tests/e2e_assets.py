@@ -39,6 +39,18 @@ CONDITION_NAME = "controlsync_canny_512x3072.png"
 SHIPPED_CONDITION = PACK_DIR / "workflows" / CONDITION_NAME
 SMALL_CONDITION_NAME = "controlsync_canny_128x384.png"
 
+# Every model file a shipped workflow names (its loaders' and its top-level `properties.models` / `models`
+# entries) -> the model folder it belongs to; the end-to-end servers serve a random-weight stand-in under that
+# name from that folder (the LPIPS backbones are the real convolutions: tests/lpips_weights.py). A new workflow
+# that needs another file adds it here (and its builder below); tests/test_workflows.py and test_browser.py
+# read every workflows/*.json against this mapping.
+STAND_INS = {
+    CHECKPOINT_NAME: "checkpoints",
+    CONTROLNET_NAME: "controlnet",
+    "vgg16-397923af.pth": "lpips",
+    "alexnet-owt-7be5be79.pth": "lpips",
+}
+
 # Small but detectable as SD1.5 (see DESIGN-NOTES 3).
 UNET_CONFIG = {
     "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,

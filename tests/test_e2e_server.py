@@ -44,24 +44,24 @@ CHAIN_WORKFLOW = PACK_DIR / "workflows" / "collage_chain_prompts.json"
 LOOP_WORKFLOW = PACK_DIR / "workflows" / "collage_loop360.json"
 OUTPAINT_WORKFLOW = PACK_DIR / "workflows" / "collage_outpaint.json"
 CUBEMAP_WORKFLOW = PACK_DIR / "workflows" / "collage_cubemap360.json"
-OUTPAINT_PHOTO = PACK_DIR / "workflows" / "outpaint_photo.jpg"
+OUTPAINT_PHOTO = PACK_DIR / "workflows" / "controlsync_outpaint_photo.jpg"
 LPIPS_DIR = Path(__file__).resolve().parent / ".cache" / "lpips"  # shared with test_sync.py
 LPIPS_FILES = tuple(BACKBONE_FILES.values())
 RUNNER = PACK_DIR / "workflows" / "run_workflow.py"
 PACK_NODES = ("WindowPlanner", "ControlSyncSampler", "ControlSyncWindowedModel", "AnchorSync", "FactorGraphCollage",
               "ControlSyncLoopDecode", "ControlSyncCubemapToEquirect", "ControlSyncEquirectToCubemap",
-              "ControlSyncCoherenceReport")
+              "ControlSyncCubemapLayout", "ControlSyncCoherenceReport")
 CANVAS_W, CANVAS_H = 384, 128  # the small condition image's size: the planner takes the canvas from it
-SMALL_RUN = ["--set", "Window Planner (ControlSync).window_width=128",   # by display name
+SMALL_RUN = ["--set", "Window Planner (panorama, MultiDiffusion).window_width=128",   # by display name
              "--set", "WindowPlanner.window_height=128",                 # by type
              "--set", "7.stride=64",                                     # by node id
-             "--set", "ControlSync Sampler.steps=3",
+             "--set", "ControlSync Sampler (tiled diffusion, panorama).steps=3",
              "--set", "ControlSyncSampler.cfg=7.5"]
 # the collage workflows, small: a 384x128 canvas of 128 px factors overlapping by 64 (chain: 5 factors, so 5
 # prompt lines; cycle: 384 / 64 = 6 factors), 2 steps
 COLLAGE_SMALL_RUN = ["--set", "FactorGraphCollage.width=384", "--set", "FactorGraphCollage.height=128",
                      "--set", "FactorGraphCollage.window_width=128", "--set", "FactorGraphCollage.window_height=128",
-                     "--set", "Factor Graph Collage (ControlSync).overlap=64", "--set", "ControlSyncSampler.steps=2"]
+                     "--set", "Factor Graph Collage (DiffCollage, 360 loop).overlap=64", "--set", "ControlSyncSampler.steps=2"]
 SMALL_CHAIN_PROMPTS = ["a city skyline at dawn, oil painting", "suburbs in the morning sun, oil painting",
                        "a road through dry scrubland at midday, oil painting",
                        "desert dunes in the afternoon, oil painting", "a sand desert at dusk, oil painting"]
@@ -126,7 +126,7 @@ def http_json(url: str, timeout: float = 30):
 
 
 class ComfyServer:
-    def __init__(self, host: Path, root: Path, assets, lpips: Path):
+    def __init__(self, host: Path, root: Path, assets, lpips: Path, extra_args=()):
         self.host, self.version, self.root = host, host_version(host), root
         self.input_dir, self.output_dir = root / "input", root / "output"
         for d in (self.input_dir, self.output_dir, root / "temp", root / "user", root / "custom_nodes"):
@@ -145,7 +145,7 @@ class ComfyServer:
         cmd = [PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--extra-model-paths-config", str(root / "extra_model_paths.yaml"),
                "--input-directory", str(self.input_dir), "--output-directory", str(self.output_dir),
-               "--temp-directory", str(root / "temp"), "--disable-auto-launch"]
+               "--temp-directory", str(root / "temp"), "--disable-auto-launch", *extra_args]
         cli = (host / "comfy" / "cli_args.py").read_text()
         if '"--user-directory"' in cli:
             cmd += ["--user-directory", str(root / "user")]
@@ -256,25 +256,25 @@ def test_shipped_workflow_converts(server, capsys):
     assert "MarkdownNote" not in types.values()
     assert sorted(types.values()) == sorted([
         "CheckpointLoaderSimple", "CLIPTextEncode", "CLIPTextEncode", "ControlNetLoader", "LoadImage",
-        "ControlNetApplyAdvanced", "WindowPlanner", "ControlSyncSampler", "VAEDecodeTiled", "SaveImage", "PreviewImage"])
+        "ControlNetApplyAdvanced", "WindowPlanner", "ControlSyncSampler", "VAEDecodeTiled", "SaveImage"])
     for nid, node in prompt.items():
         assert node["class_type"] in server.object_info
     by_type = {v: k for k, v in types.items()}
     sampler = prompt[by_type["ControlSyncSampler"]]["inputs"]
     planner_id = by_type["WindowPlanner"]
-    assert sampler["seed"] == 42 and sampler["steps"] == 50 and sampler["cfg"] == 7.5  # the seed's "fixed" is skipped
-    assert sampler["sampler_name"] == "ddim" and sampler["scheduler"] == "ddim_uniform"
+    # first-run settings (README: defaults a first run can afford): 25 euler steps
+    assert sampler["seed"] == 42 and sampler["steps"] == 25 and sampler["cfg"] == 7.5  # the seed's "fixed" is skipped
+    assert sampler["sampler_name"] == "euler" and sampler["scheduler"] == "normal"
     assert sampler["denoise"] == 1.0 and sampler["window_batch_size"] == 0
     assert sampler["latent_image"] == [planner_id, 2] and sampler["plan"] == [planner_id, 0]
     planner = prompt[planner_id]["inputs"]
     assert planner["image"] == [by_type["LoadImage"], 0] and "latent" not in planner
     assert [planner[k] for k in ("width", "height", "window_width", "window_height", "stride", "anchor",
-                                 "anchor_index", "blend")] == [3072, 512, 512, 512, 64, "first", 0, "uniform"]
+                                 "anchor_index", "blend")] == [3072, 512, 512, 512, 128, "first", 0, "uniform"]
     assert prompt[by_type["LoadImage"]]["inputs"] == {"image": CONDITION_NAME}  # the upload widget is skipped
     apply = prompt[by_type["ControlNetApplyAdvanced"]]["inputs"]
     assert apply["vae"] == [by_type["CheckpointLoaderSimple"], 2]
     assert (apply["strength"], apply["start_percent"], apply["end_percent"]) == (1.0, 0.0, 1.0)
-    assert prompt[by_type["PreviewImage"]]["inputs"] == {"images": [planner_id, 1]}
     tiled = prompt[by_type["VAEDecodeTiled"]]["inputs"]
     assert tiled["tile_size"] == 512 and tiled["overlap"] == 64
     assert prompt[by_type["CheckpointLoaderSimple"]]["inputs"]["ckpt_name"] in \
@@ -282,18 +282,23 @@ def test_shipped_workflow_converts(server, capsys):
 
 
 def test_anchorsync_workflow_converts(server, capsys):
-    """The AnchorSync workflow: the panorama graph, plus the checkpoint's VAE -> AnchorSync -> the sampler's sync."""
+    """The AnchorSync workflow: the panorama graph, plus the checkpoint's VAE -> AnchorSync -> the sampler's sync,
+    and a Coherence Report on the decoded image (with the plan and the condition)."""
     announce(capsys, server, "AnchorSync conversion")
     runner = load_runner()
     prompt, _ = runner.convert(json.loads(SYNC_WORKFLOW.read_text()), server.object_info)
     plain, _ = runner.convert(json.loads(WORKFLOW.read_text()), server.object_info)
     types = {nid: n["class_type"] for nid, n in prompt.items()}
-    assert sorted(types.values()) == sorted([n["class_type"] for n in plain.values()] + ["AnchorSync"])
+    assert sorted(types.values()) == sorted([n["class_type"] for n in plain.values()] + ["AnchorSync",
+                                                                                       "ControlSyncCoherenceReport"])
     by_type = {v: k for k, v in types.items()}
     sync_id = by_type["AnchorSync"]
     assert prompt[sync_id]["inputs"] == {"vae": [by_type["CheckpointLoaderSimple"], 2], "weight": 20.0, "decay": 0.95,
                                          "sync_steps": 10, "lpips_net": "vgg", "gradient": "exact",
-                                         "loss_resolution": "full", "loss_decoder": "vae"}
+                                         "loss_resolution": "half", "loss_decoder": "vae"}
+    report_id = by_type["ControlSyncCoherenceReport"]
+    assert prompt.pop(report_id)["inputs"] == {"image": [by_type["VAEDecodeTiled"], 0], "crop": 512, "lpips_net": "vgg",
+                                               "plan": [by_type["WindowPlanner"], 0], "condition": [by_type["LoadImage"], 0]}
     assert prompt[by_type["SaveImage"]]["inputs"]["filename_prefix"] == "ControlSync_sync"
     sampler = prompt[by_type["ControlSyncSampler"]]["inputs"]
     assert sampler.pop("sync") == [sync_id, 0]
@@ -319,8 +324,8 @@ def _check_collage_graph(prompt, by_type, decoder):
     ckpt, collage, sampler_id = by_type["CheckpointLoaderSimple"], by_type["FactorGraphCollage"], by_type["ControlSyncSampler"]
     sampler = prompt[sampler_id]["inputs"]
     assert sampler["model"] == [ckpt, 0] and sampler["plan"] == [collage, 0] and sampler["latent_image"] == [collage, 2]
-    assert sampler["seed"] == 42 and sampler["steps"] == 50 and sampler["cfg"] == 7.5 and "sync" not in sampler
-    assert (sampler["sampler_name"], sampler["scheduler"], sampler["denoise"]) == ("ddim", "ddim_uniform", 1.0)
+    assert sampler["seed"] == 42 and sampler["steps"] == 25 and sampler["cfg"] == 7.5 and "sync" not in sampler
+    assert (sampler["sampler_name"], sampler["scheduler"], sampler["denoise"]) == ("euler", "normal", 1.0)
     positive, negative = (prompt[sampler[k][0]] for k in ("positive", "negative"))
     if positive["class_type"] == "ControlNetApplyAdvanced":  # the cubemap's prompts go through Apply ControlNet
         assert sampler["negative"] == [sampler["positive"][0], 1]
@@ -330,7 +335,6 @@ def _check_collage_graph(prompt, by_type, decoder):
     assert "blurry" in negative["text"] and positive["text"]
     decode = prompt[by_type[decoder]]["inputs"]
     assert decode["samples"] == [sampler_id, 0] and decode["vae"] == [ckpt, 2]
-    assert prompt[by_type["PreviewImage"]]["inputs"] == {"images": [collage, 1]}
     saved = prompt[by_type["SaveImage"]]["inputs"]["images"]
     if prompt[saved[0]]["class_type"] == "ControlSyncCubemapToEquirect":  # the cubemap saves the equirectangular image
         saved = prompt[saved[0]]["inputs"]["image"]
@@ -344,7 +348,7 @@ def test_collage_chain_workflow_converts(server, capsys):
     prompt, types, by_type = _collage_prompt(server, CHAIN_WORKFLOW)
     assert sorted(types.values()) == sorted([
         "CheckpointLoaderSimple", "CLIPTextEncode", "CLIPTextEncode", "FactorGraphCollage", "ControlSyncSampler",
-        "VAEDecodeTiled", "SaveImage", "PreviewImage"])
+        "VAEDecodeTiled", "SaveImage"])
     collage, tiled = _check_collage_graph(prompt, by_type, "VAEDecodeTiled")
     assert [collage[k] for k in ("graph", "width", "height", "window_width", "window_height", "overlap", "direction",
                                  "anchor_index", "prompt_mode", "variable_prompts")] == \
@@ -364,7 +368,7 @@ def test_collage_loop_workflow_converts(server, capsys):
     prompt, types, by_type = _collage_prompt(server, LOOP_WORKFLOW)
     assert sorted(types.values()) == sorted([
         "CheckpointLoaderSimple", "CLIPTextEncode", "CLIPTextEncode", "FactorGraphCollage", "ControlSyncSampler",
-        "ControlSyncLoopDecode", "SaveImage", "PreviewImage"])
+        "ControlSyncLoopDecode", "SaveImage"])
     collage, decode = _check_collage_graph(prompt, by_type, "ControlSyncLoopDecode")
     assert [collage[k] for k in ("graph", "width", "height", "window_width", "window_height", "overlap", "direction",
                                  "anchor_index", "prompt_mode")] == \
@@ -382,8 +386,7 @@ def test_collage_outpaint_workflow_converts(server, capsys):
     prompt, types, by_type = _collage_prompt(server, OUTPAINT_WORKFLOW)
     assert sorted(types.values()) == sorted([
         "CheckpointLoaderSimple", "CLIPTextEncode", "CLIPTextEncode", "LoadImage", "ImagePadForOutpaint",
-        "VAEEncodeForInpaint", "FactorGraphCollage", "ControlSyncSampler", "VAEDecodeTiled", "SaveImage",
-        "PreviewImage"])
+        "VAEEncodeForInpaint", "FactorGraphCollage", "ControlSyncSampler", "VAEDecodeTiled", "SaveImage"])
     ckpt, encode_id = by_type["CheckpointLoaderSimple"], by_type["VAEEncodeForInpaint"]
     sampler = prompt[by_type["ControlSyncSampler"]]["inputs"]
     assert sampler["latent_image"] == [encode_id, 0]  # the encoded canvas, carrying the noise mask
@@ -415,17 +418,18 @@ def test_collage_cubemap_workflow_converts(server, capsys):
     assert sorted(types.values()) == sorted([
         "CheckpointLoaderSimple", "CLIPTextEncode", "CLIPTextEncode", "ControlNetLoader", "LoadImage",
         "ControlSyncEquirectToCubemap", "ControlNetApplyAdvanced", "FactorGraphCollage", "ControlSyncSampler",
-        "ControlSyncLoopDecode", "ControlSyncCubemapToEquirect", "SaveImage", "PreviewImage"])
+        "ControlSyncLoopDecode", "ControlSyncCubemapToEquirect", "SaveImage"])
     collage, decode = _check_collage_graph(prompt, by_type, "ControlSyncLoopDecode")
     assert [collage[k] for k in ("graph", "width", "height", "window_width", "window_height", "overlap", "known_pixels",
                                  "order")] == ["cubemap", 512, 512, 512, 512, 256, "replacement", "joint"]
     to_cube = by_type["ControlSyncEquirectToCubemap"]
-    assert prompt[to_cube]["inputs"] == {"image": [by_type["LoadImage"], 0], "face_size": 512}
+    assert prompt[to_cube]["inputs"] == {"image": [by_type["LoadImage"], 0], "face_size": 512, "layout": "strip"}
     assert collage["image"] == [to_cube, 0]
     assert prompt[by_type["ControlNetApplyAdvanced"]]["inputs"]["image"] == [to_cube, 0]
     assert decode["layout"] == "cubemap"
     to_equirect = prompt[by_type["ControlSyncCubemapToEquirect"]]["inputs"]
-    assert to_equirect == {"image": [by_type["ControlSyncLoopDecode"], 0], "height": 0}
+    assert to_equirect == {"image": [by_type["ControlSyncLoopDecode"], 0], "height": 0, "layout": "strip"}
+    assert collage["cubemap_layout"] == "strip"
     assert prompt[by_type["SaveImage"]]["inputs"] == {"images": [by_type["ControlSyncCubemapToEquirect"], 0],
                                                       "filename_prefix": "ControlSync_cubemap"}
 
@@ -492,7 +496,9 @@ def test_panorama_run(server, tmp_path, capsys):
     workflow = json.loads(image.info["workflow"])
     assert next(n for n in workflow["nodes"] if n["type"] == "ControlSyncSampler")["widgets_values"][2] == 3
 
-    preview = Image.open(previews[0])  # the planner's window drawing over the condition image
+    # the planner's window drawing over the condition image, shown on the planner node itself (#7): its UI output
+    assert previews[0].name.startswith("temp_7_"), previews
+    preview = Image.open(previews[0])
     assert preview.size == (CANVAS_W, CANVAS_H)
 
 
@@ -526,7 +532,8 @@ def test_anchorsync_run(server, tmp_path, capsys):
         pytest.skip("the AnchorSync run is checked on the main host only (CPU time)")
     announce(capsys, server, "AnchorSync run")
     small = ["--image", str(server.assets.small_condition), "--verbose", *SMALL_RUN,
-             "--set", "Anchor Sync (ControlSync).lpips_net=alex", "--set", "AnchorSync.sync_steps=17"]
+             "--set", "Anchor Sync (SyncDiffusion).lpips_net=alex", "--set", "AnchorSync.sync_steps=17",
+             "--set", "ControlSyncCoherenceReport.crop=64", "--set", "ControlSyncCoherenceReport.lpips_net=alex"]
     pixels, times = {}, {}
     for weight in ("20", "0"):
         _, path, image, pixels[weight], times[weight] = checked_run(
@@ -658,9 +665,9 @@ def test_collage_cubemap_run(server, tmp_path, capsys):
 
 def test_errors_are_reported(server, tmp_path, capsys):
     announce(capsys, server, "error reporting")
-    # refused at validation: the message names the node and the input; the shipped condition image,
-    # missing on the server, was uploaded from beside the workflow file first
-    proc = run_workflow(server, tmp_path, "--set", "ControlSync Sampler.steps=0", timeout=120)
+    # refused at validation: the message names the node and the input; the shipped condition image was
+    # copied into the server's input folder when the pack loaded
+    proc = run_workflow(server, tmp_path, "--set", "ControlSync Sampler (tiled diffusion, panorama).steps=0", timeout=120)
     assert proc.returncode != 0
     assert "refused" in proc.stderr and "#8" in proc.stderr and "steps" in proc.stderr, proc.stderr
     assert (server.input_dir / CONDITION_NAME).is_file()
@@ -670,5 +677,43 @@ def test_errors_are_reported(server, tmp_path, capsys):
     assert proc.returncode != 0
     assert "WindowPlanner" in proc.stderr and "anchor_index 99" in proc.stderr, proc.stderr
     # a typo in an override is caught before anything is queued
-    proc = run_workflow(server, tmp_path, "--set", "ControlSync Sampler.stpes=3", timeout=60)
+    proc = run_workflow(server, tmp_path, "--set", "ControlSync Sampler (tiled diffusion, panorama).stpes=3", timeout=60)
     assert proc.returncode != 0 and "has no input 'stpes'" in proc.stderr, proc.stderr
+
+
+def test_previews_and_report_show_on_the_nodes(server, tmp_path, capsys):
+    """The V3 UI outputs reach the history the frontend reads (on both hosts): Window Planner's and Factor Graph
+    Collage's plan drawings, and Coherence Report's chart and its numbers as text, with no Preview node."""
+    from PIL import Image
+
+    announce(capsys, server, "previews on the nodes")
+    runner = load_runner()
+    client = runner.Server(server.url)
+    shutil.copy(server.assets.small_condition, server.input_dir / "ui_outputs.png")
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "ui_outputs.png"}},
+        "2": {"class_type": "WindowPlanner", "inputs": {"width": 384, "height": 128, "window_width": 128,
+                                                        "window_height": 128, "stride": 64, "anchor": "first",
+                                                        "anchor_index": 0, "blend": "uniform", "image": ["1", 0]}},
+        "3": {"class_type": "FactorGraphCollage", "inputs": {"graph": "cycle", "width": 384, "height": 128,
+                                                             "window_width": 128, "window_height": 128, "overlap": 64,
+                                                             "direction": "horizontal", "anchor_index": 0,
+                                                             "prompt_mode": "one for all"}},
+        "4": {"class_type": "ControlSyncCoherenceReport", "inputs": {"image": ["1", 0], "crop": 64, "lpips_net": "alex",
+                                                                     "plan": ["2", 0], "condition": ["1", 0]}},
+    }
+    queued = client.post_json("/prompt", {"prompt": prompt, "client_id": "ui-outputs"})
+    entry = runner.wait_for(client, queued["prompt_id"], 300)
+    assert runner.execution_error(entry, verbose=True) is None, runner.execution_error(entry, verbose=True)
+    outputs = entry["outputs"]
+    for node_id, size in (("2", (CANVAS_W, CANVAS_H)), ("3", (CANVAS_W, CANVAS_H)), ("4", None)):
+        images = outputs[node_id]["images"]
+        assert len(images) == 1 and images[0]["type"] == "temp", outputs[node_id]
+        saved = runner.download_outputs(client, {"outputs": {node_id: {"images": images}}}, str(tmp_path), True)
+        with Image.open(saved[0]) as shown:
+            assert size is None or shown.size == size
+            assert shown.size[0] > 16
+    text = "\n".join(outputs["4"]["text"])
+    assert "intra-LPIPS" in text and "drift per window" in text and "edge F1" in text, text
+    # 5 windows of 128 px at stride 64 over 384 px: five drift values on the one row of the single image
+    assert len(text.split("drift per window")[1].split()) == 5, text

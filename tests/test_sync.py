@@ -376,6 +376,13 @@ def test_nothing_leaks_after_success_error_in_gradient_pass_and_cancel(s):
 
 # --- bad input -----------------------------------------------------------------------------------
 
+def assert_download_hint(message: str, net: str) -> None:
+    """The missing-backbone message gives torchvision's own address and size of the file (its weights metadata)."""
+    import torchvision.models
+    weights = {"alex": torchvision.models.AlexNet_Weights, "vgg": torchvision.models.VGG16_Weights}[net].IMAGENET1K_V1
+    assert weights.url in message and f"{round(weights.meta['_file_size'])} MB" in message, message
+
+
 def test_bad_inputs(s, caplog, monkeypatch, tmp_path):
     import folder_paths
     world = s.inference
@@ -390,8 +397,9 @@ def test_bad_inputs(s, caplog, monkeypatch, tmp_path):
 
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "lpips", ([str(tmp_path / "none")], set()))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    with pytest.raises(ValueError, match="lpips_net: LPIPS-alex needs .*'alexnet-owt-7be5be79.pth'.*models/lpips"):
+    with pytest.raises(ValueError, match="lpips_net: LPIPS-alex needs .*'alexnet-owt-7be5be79.pth'.*models/lpips") as err:
         s.Sync.execute(world["vae"], 20.0, 0.95, 10, "alex", "exact")
+    assert_download_hint(str(err.value), "alex")
     monkeypatch.undo()
 
     def nan_first_window():
@@ -444,8 +452,9 @@ def test_coherence_report_bad_inputs(s, monkeypatch, tmp_path):
     assert chart.shape[0] == 2 and report.count("\n") == 1 and "edge F1" in report
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "lpips", ([str(tmp_path / "none")], set()))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    with pytest.raises(ValueError, match="lpips_net: .*'alexnet-owt-7be5be79.pth'.*models/lpips"):
+    with pytest.raises(ValueError, match="lpips_net: .*'alexnet-owt-7be5be79.pth'.*models/lpips") as err:
         CoherenceReport.execute(torch.rand(1, 64, 192, 3), 64, "alex")
+    assert_download_hint(str(err.value), "alex")
 
 
 def test_taesd_loss_decoder(s, tmp_path):
