@@ -45,7 +45,7 @@ from ..sampling import MergeRule, PlanError, gather, scatter_add, scatter_set
 from ..sampling.conditional import autoregressive_order
 from ..sampling.perceptual import build_lpips, find_backbone, hub_checkpoints
 from ..sampling.steps import StepPatternError, first_evaluations
-from ..sampling.sync import (SyncSchedule, factor_indices, fold_fast, fold_update, identity_through, lpips_input,
+from ..sampling.sync import (SyncSchedule, factor_indices, fold_update, identity_through, lpips_input, shrinkage,
                              noise_level, region_moves, sync_deltas, window_sync_gradient)
 
 WRAPPER_KEY = "controlsync.windows"
@@ -225,8 +225,7 @@ class RunContext:
 class _Evaluation:
     """What one model evaluation of the sampler shares between its calls."""
     index: int
-    moves: list | None = None         # per region: its latent move (sync), or None
-    fold: object = None               # merged outputs, merged move -> folded outputs
+    sync: object = None               # _SyncMoves of a synced evaluation
     outputs: dict = field(default_factory=dict)  # (options id, conds key, region) -> per cond output
     correction: object = None         # Reconstruction's correction of the denoised outputs
     calls: int = 0
@@ -278,8 +277,7 @@ class _RunState:
             if _has_area(conds):
                 size = 1  # area conds are intersected with each window, so windows differ in their conds
             elif size <= 0:
-                size = auto_window_batch(model, self.ctx.plan, conds, x_in,
-                                         comfy.model_management.get_free_memory(x_in.device))
+                size = _automatic_batch(model, self.ctx.plan, conds, x_in)
             self.denoise_batch = max(1, size)
         return self.denoise_batch
 
@@ -291,8 +289,7 @@ class _RunState:
             if type(self.ctx.guider).__name__ not in _PER_SAMPLE_GUIDERS or _has_area(conds):
                 size = 1
             elif size <= 0:
-                size = auto_window_batch(model, self.ctx.plan, conds, x_in,
-                                         comfy.model_management.get_free_memory(x_in.device), gradient=True)
+                size = _automatic_batch(model, self.ctx.plan, conds, x_in, gradient=True)
             self.gradient_batch = max(1, size)
         return self.gradient_batch
 
@@ -508,11 +505,11 @@ def _canvas_pass(run, executor, model, conds, x_in, timestep, model_options):
             sync = run.sync_step(timestep) if ev.calls == 1 else None
             fast = sync is not None and not run.ctx.config.sync.through_model
             if sync is not None and not fast:
-                ev.moves, ev.fold = sync_moves(run, model, conds, x_in, timestep, model_options, sync, None)
-            outputs = denoise_regions(run, executor, model, conds, x_in, timestep, model_options, ev.moves,
-                                      record=fast)
+                ev.sync = sync_moves(run, model, conds, x_in, timestep, model_options, sync, None)
+            moved = ev.sync.moves if ev.sync is not None and ev.sync.shifts is None else None
+            outputs = denoise_regions(run, executor, model, conds, x_in, timestep, model_options, moved, record=fast)
             if fast:
-                ev.moves, ev.fold = sync_moves(run, model, conds, x_in, timestep, model_options, sync, outputs)
+                ev.sync = sync_moves(run, model, conds, x_in, timestep, model_options, sync, outputs)
             merged = merge_and_fold(run, outputs, ev, x_in)
         ev.outputs[key] = merged
         if run.known is not None:
@@ -561,21 +558,28 @@ def denoise_regions(run, executor, model, conds, x_in, timestep, model_options, 
 
 
 def merge_and_fold(run, outputs, ev, x_in):
-    """The canvas prediction of every cond, with this evaluation's sync moves folded in."""
+    """The canvas prediction of every cond, with this evaluation's sync moves folded in (the same shift of
+    every cond shifts the guider's result by it: CFG's weights sum to 1)."""
     n_conds = len(next(iter(outputs.values())))
+    like = next(iter(outputs.values()))[0]
     merged = []
     for ci in range(n_conds):
-        merger = run.ctx.merge.merger(outputs[next(iter(outputs))][ci][:x_in.shape[0]].new_zeros(x_in.shape))
+        merger = run.ctx.merge.merger(like[:x_in.shape[0]].new_zeros(x_in.shape))
         for i, parts in outputs.items():
             merger.add(i, parts[ci])
         merged.append(merger.result())
-    if ev.moves is None or tuple(x_in.shape[-2:]) != run.ctx.plan.canvas:
+    if ev.sync is None:
         return merged
-    moved = run.ctx.merge.merger(merged[0])
-    for i, m in enumerate(ev.moves):
-        moved.add(i, m.to(merged[0]))
-    shift = moved.result()
-    return [ev.fold(o, shift) for o in merged]
+    move = _merged(run, ev.sync.moves, merged[0])
+    shift = None if ev.sync.shifts is None else _merged(run, ev.sync.shifts, merged[0])
+    return [fold_update(o, move, ev.sync.r, shift) for o in merged]
+
+
+def _merged(run, per_region, like):
+    merger = run.ctx.merge.merger(like)
+    for i, t in enumerate(per_region):
+        merger.add(i, t.to(like))
+    return merger.result()
 
 
 def _batches(plan, indices, size):
@@ -596,23 +600,29 @@ def stack_regions(canvas: torch.Tensor, regions, batch: int) -> torch.Tensor:
     return torch.cat([comfy.utils.repeat_to_batch_size(p, batch) for p in parts])
 
 
-def auto_window_batch(model, plan, conds, x_in, free_memory: float, gradient: bool = False) -> int:
-    """Windows per model call for `free_memory` bytes: on a GPU as many as fit with ComfyUI's own 1.5x
-    margin, from ComfyUI's own estimate of a window's model call (twice that with ControlNets; a
-    gradient pass keeps its activations for backward and adds the loss's decoder and LPIPS). On the CPU
-    one: larger batches bring no parallelism there and measured slower (tests/benchmark_windows.py)."""
-    if x_in.device.type == "cpu":
-        return 1
+def auto_window_batch(model, plan, conds, latent_shape, free_memory: float, gradient: bool = False) -> int:
+    """Windows per model call for `free_memory` bytes: as many as fit with ComfyUI's own 1.5x margin, from
+    ComfyUI's own estimate of one window's model call (twice that with ControlNets). A gradient pass
+    keeps its activations for backward and adds the loss's decoder and LPIPS."""
     h, w = max(r.size for r in plan.regions)
     n_conds = sum(c is not None for c in conds)
-    shape = [x_in.shape[0] * max(n_conds, 1), x_in.shape[1], h, w]
+    shape = [latent_shape[0] * max(n_conds, 1), latent_shape[1], h, w]
     per_window = model.memory_required(shape)
     if any(c is not None and any(d.get("control") is not None for d in c) for c in conds):
         per_window *= 2
     if gradient:
         factor = latent_geometry(model)[0]
-        per_window = per_window * _GRADIENT_MEMORY_FACTOR + _LOSS_BYTES_PER_PIXEL * x_in.shape[0] * h * w * factor ** 2
+        per_window = per_window * _GRADIENT_MEMORY_FACTOR + _LOSS_BYTES_PER_PIXEL * latent_shape[0] * h * w * factor ** 2
     return max(1, math.floor(free_memory / (1.5 * per_window)))
+
+
+def _automatic_batch(model, plan, conds, x_in, gradient=False) -> int:
+    """One window per call on the CPU (larger batches bring no parallelism there and measured slower:
+    tests/benchmark_windows.py); on a GPU as many as its free memory holds now (read once per run)."""
+    if x_in.device.type == "cpu":
+        return 1
+    return auto_window_batch(model, plan, conds, x_in.shape, comfy.model_management.get_free_memory(x_in.device),
+                             gradient)
 
 
 # --- per-window conds and ControlNet copies -----------------------------------------------------
@@ -785,19 +795,23 @@ def sync_moves(run, model, conds, x_in, timestep, model_options, sync, outputs):
         for batch in batches:
             x0s[batch] = guided_x0(run, batch, torch.cat([latents[i] for i in batch]), timestep, model_options)
     bar = comfy.utils.ProgressBar(len(others))
+    kappas = {}
     with differentiable(modules):
         anchor_image = lpips_input(decode(x0s[(plan.anchor,)].clone())).detach()
         grad_options = _gradient_options(model_options)
 
         def gradient(batch, x):
             comfy.model_management.throw_exception_if_processing_interrupted()
-            if fast:
-                x0_of = identity_through(x0s[batch].clone())
-            else:
-                def x0_of(v):
-                    return guided_x0(run, batch, v, timestep, grad_options)
             anchor = anchor_image.repeat(len(batch), *([1] * (anchor_image.ndim - 1)))
-            out = window_sync_gradient(x, x0_of, decode, loss, anchor)
+            if fast:  # grad_{x0} L at the sampler's own x0, times the denoiser's slope along it
+                x0 = x0s[batch].clone()
+                values, g = window_sync_gradient(x, identity_through(x0), decode, loss, anchor)
+                kappa = shrinkage(x0.to(g), x.to(g), g)
+                kappas.update(zip(batch, kappa.chunk(len(batch))))
+                out = values, kappa * g
+            else:
+                out = window_sync_gradient(x, lambda v: guided_x0(run, batch, v, timestep, grad_options), decode, loss,
+                                           anchor)
             bar.update(len(batch))
             return out
 
@@ -807,7 +821,19 @@ def sync_moves(run, model, conds, x_in, timestep, model_options, sync, outputs):
                         f"window(s) {sorted(skipped)}; they skip this sync step")
     deltas = {i: d.detach() for i, d in deltas.items()}
     deltas[plan.anchor] = torch.zeros_like(latents[plan.anchor])
-    return region_moves(plan, deltas), functools.partial(fold_fast if fast else fold_update, r=r)
+    shifts = None
+    if fast:  # a moved window's prediction, D(x - delta) ~ D(x) - kappa delta
+        shifts = region_moves(plan, {i: kappas[i].to(d) * d if i in kappas else torch.zeros_like(d)
+                                     for i, d in deltas.items()})
+    return _SyncMoves(region_moves(plan, deltas), shifts, r)
+
+
+@dataclass(frozen=True)
+class _SyncMoves:
+    """One synced evaluation's moves: per region its latent move and (fast mode) its predicted x0 shift."""
+    moves: list
+    shifts: list | None
+    r: float
 
 
 def _loss_path(run, model, x_in):
@@ -854,7 +880,7 @@ def reconstruction_correction(run, model, conds, x_in, timestep, model_options):
         weights, norm = run.ctx.merge.weights(residual)
         residual = residual / norm
     touching = [i for i, c in enumerate(plan.coefficients) if c != 0 and bool(view(mask, i).any())]
-    grad = torch.zeros_like(x_in)
+    parts = []
     with differentiable([model.diffusion_model] + _control_modules(conds)):
         options = _gradient_options(model_options)
         for batch in _batches(plan, touching, run.gradient_batch_size(model, conds, x_in)):
@@ -863,11 +889,13 @@ def reconstruction_correction(run, model, conds, x_in, timestep, model_options):
             v = torch.cat([view(residual, i) * (1.0 if focused else weights[i]) for i in batch])
             out = guided_x0(run, batch, x, timestep, options)
             (g,) = torch.autograd.grad(out, x, grad_outputs=v.to(out))
-            for i, part in zip(batch, g.chunk(len(batch))):
-                if focused:
-                    grad += part.detach().to(grad)
-                else:
-                    scatter_add(grad, plan.regions[i], part.detach().to(grad))
+            parts += zip(batch, g.detach().chunk(len(batch)))
+    grad = torch.zeros_like(x_in)  # back in ComfyUI's inference mode: accumulate there
+    for i, part in parts:
+        if focused:
+            grad += part.to(grad)
+        else:
+            scatter_add(grad, plan.regions[i], part.to(grad))
     return (run.ctx.config.reconstruction / 2) * grad
 
 

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import torch
+
+import comfy.model_management
+import comfy.utils
 from comfy_api.latest import io, ui
 
 from ..sampling import gather, metrics
@@ -75,12 +78,12 @@ class CoherenceReport(io.ComfyNode):
         H, W = image.shape[1:3]
         if min(H, W) < crop:
             raise ValueError(f"crop: the image is {W}x{H} px, smaller than one crop of {crop} px; lower crop")
+        device = comfy.model_management.get_torch_device()  # where ComfyUI runs its models
         try:
             bridge.lpips_backbone_path(lpips_net)  # reported even when a model is cached from an earlier run
-            loss = bridge.load_lpips(lpips_net, "cpu")
+            loss = bridge.load_lpips(lpips_net, device)
         except FileNotFoundError as e:
             raise ValueError(f"lpips_net: {e}") from None
-        distance = lambda a, b: loss(a, b, normalize=False).flatten()  # noqa: E731
         if plan is not None:
             layout = plan.layout((H // LATENT_CELL_PX, W // LATENT_CELL_PX), LATENT_CELL_PX)
             regions = [r.scaled(LATENT_CELL_PX) for r, c in zip(layout.regions, layout.coefficients) if c > 0]
@@ -90,6 +93,15 @@ class CoherenceReport(io.ComfyNode):
             from ..sampling.plans import rect_region, window_starts
             regions = [rect_region(0, x, H, crop) for x in window_starts(W, crop, crop)]
             anchor, edges = 0, []
+        # one progress step per LPIPS call: every window's drift, then the crop pairs, per image
+        bar = comfy.utils.ProgressBar(image.shape[0] * (len(regions) + 1))
+
+        def distance(a, b):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            out = loss(a.to(device), b.to(device), normalize=False).flatten().cpu()
+            bar.update(1)
+            return out
+
         charts, rows = [], []
         with torch.no_grad():
             for b in range(image.shape[0]):

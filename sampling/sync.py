@@ -18,18 +18,25 @@ any plan's: sum_i c_i m_i (.) / sum_i c_i m_i, signed DiffCollage coefficients i
 step is linear and the coefficients on a cell sum to 1.
 
 Factor graphs. Only factors (windows) are synced toward the anchor factor. A variable (an overlap,
-or any intersection of factors) is not compared with the anchor: it is the same cells as seen by the
-factors holding it, so it moves with them, by the mean of their moves on its cells. This keeps the
-merge of consistent moves consistent: when the factors' moves agree on every cell (they are one canvas
-move Delta), every region moves by Delta on its cells and the merge, whose coefficients sum to 1 on
-each cell, moves the canvas by exactly Delta; on a chain, a half overlap between factors f and g gets
-delta_f + delta_g - (delta_f + delta_g) / 2 = their average, MultiDiffusion's average of the moved
-latents.
+or any intersection of factors) is not compared with the anchor: it is the same cells as the factors
+covering them, so it moves with them, cell by cell by the mean of the moves of the factors covering the
+cell. This keeps the merge of consistent moves consistent: when the factors' moves agree on every cell
+(they are one canvas move Delta), every region moves by Delta on its cells and the merge, whose
+coefficients sum to 1 on each cell, moves the canvas by exactly Delta; on a chain, a half overlap between
+factors f and g gets delta_f + delta_g - (delta_f + delta_g) / 2 = their average, MultiDiffusion's average
+of the moved latents.
 
-The fast mode ("skip model Jacobian"). The gradient treats x0 as moving one to one with x
-(d x0 / d x = I), so the loss is differentiated through the decoder and LPIPS only, at the x0 the
-sampler's own denoising pass computed. Under the same approximation D_i(x - delta_i) = D_i(x) - delta_i,
-so the windows need not be denoised again: D_eff = merge_i D_i(x) - merge_i delta_i / (1 - r).
+The fast mode ("skip model Jacobian"). One model evaluation per window per step: the loss looks at the
+x0-prediction the sampler's own denoising pass computed, and its gradient g = grad_{x0} L runs through the
+decoder and LPIPS only. The denoiser's Jacobian J, which the exact gradient J^T g runs through, is
+replaced by its Rayleigh quotient along g, estimated from that same evaluation: for a denoiser that is
+linear along g (the optimal one for Gaussian data, where g is an eigen-direction of J, e.g. a window's
+global style), <D(x), g> = <J x, g> = kappa <x, g>, so kappa = <D(x), g> / <x, g>, clamped to the range
+an optimal denoiser's eigenvalues take ([0, 1] for x = x0 + sigma eps). Then grad_x L ~ kappa g, the move
+is delta = w (1 + sigma^2) kappa g, and a moved window's prediction is D(x - delta) ~ D(x) - kappa delta:
+    D_eff = merge_i D_i(x) - merge_i kappa_i delta_i - r / (1 - r) * merge_i delta_i.
+(The identity, kappa = 1, overshoots wherever the signal's variance along g is small next to sigma^2;
+on the analytic test bed's global style kappa is exact, tests/test_testbed.py.)
 
 Schedules. "The first 10 of 50 steps" (the papers) is the first 20% of the noise schedule. On a whole
 schedule of N steps it is counted in steps: the first floor(10 N / 50 + 1/2) steps are synced (half up:
@@ -139,7 +146,7 @@ def window_sync_gradient(x: torch.Tensor, x0_of: Callable, decode: Callable, los
 
 
 def identity_through(x0: torch.Tensor) -> Callable:
-    """The fast mode's x0(x): the given prediction, moving one to one with x."""
+    """x0(x) as the given prediction moving one to one with x: the gradient of a loss of it is grad_{x0}."""
     return lambda x: x0.detach() + (x - x.detach())
 
 
@@ -172,34 +179,34 @@ def factor_indices(plan: RegionPlan) -> list[int]:
 
 
 def region_moves(plan: RegionPlan, factor_moves: dict[int, torch.Tensor]) -> list[torch.Tensor]:
-    """Every region's move: a factor its own; any other region the mean, on its cells, of the moves of
-    the factors holding it (see the module doc)."""
+    """Every region's move: a factor its own; any other region, cell by cell, the mean of the moves of
+    the factors covering that cell (see the module doc)."""
     like = next(iter(factor_moves.values()))
-    moves = []
-    for i, region in enumerate(plan.regions):
-        if i in factor_moves:
-            moves.append(factor_moves[i])
-            continue
-        holders = plan.factors_of[i] if plan.factors_of else ()
-        if not holders:
-            raise ValueError(f"region {i} is neither a factor nor held by one: its move is undefined")
-        canvas = like.new_zeros(like.shape[:-2] + plan.canvas)
-        for f in holders:
-            scatter_add(canvas, plan.regions[f], factor_moves[f])
-        moves.append(gather(canvas, region) / len(holders))
-    return moves
+    total = like.new_zeros(like.shape[:-2] + plan.canvas)
+    count = like.new_zeros(plan.canvas)
+    for f, move in factor_moves.items():
+        scatter_add(total, plan.regions[f], move)
+        scatter_add(count, plan.regions[f], torch.ones(move.shape[-2:], dtype=count.dtype, device=count.device))
+    mean = total / count.clamp_min(1)
+    return [factor_moves[i] if i in factor_moves else gather(mean, region) for i, region in enumerate(plan.regions)]
 
 
-def fold_update(denoised: torch.Tensor, merged_delta: torch.Tensor, r: float) -> torch.Tensor:
-    """D_eff = D(x - delta) - r / (1 - r) * delta: the denoised output whose first-order step from the
-    unmoved canvas equals the merge of the windows' steps from their moved latents."""
+def shrinkage(x0: torch.Tensor, x: torch.Tensor, g: torch.Tensor, high: float = 1.0) -> torch.Tensor:
+    """The fast mode's kappa = <D(x), g> / <x, g> per sample (dim 0), clamped to [0, high]: the denoiser's
+    Jacobian along g as one evaluation shows it (see the module doc). Shaped to broadcast over a sample."""
+    dims = tuple(range(1, x.ndim))
+    num, den = (x0 * g).sum(dims), (x * g).sum(dims)
+    kappa = torch.where(den.abs() > 0, num / torch.where(den.abs() > 0, den, torch.ones_like(den)),
+                        torch.zeros_like(den))
+    return kappa.clamp(0.0, high).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def fold_update(denoised: torch.Tensor, merged_delta: torch.Tensor, r: float,
+                merged_shift: torch.Tensor | None = None) -> torch.Tensor:
+    """D_eff = D - shift - r / (1 - r) * delta: the denoised output whose first-order step from the unmoved
+    canvas equals the merge of the windows' steps from their moved latents. D is the merge of the moved
+    windows' predictions (exact mode, shift 0), or of the unmoved ones with their predicted shifts (fast)."""
     if r >= 1.0:
         raise ValueError(f"sigma_next / sigma = {r} >= 1: the schedule does not decrease")
-    return denoised - (r / (1.0 - r)) * merged_delta
-
-
-def fold_fast(denoised: torch.Tensor, merged_delta: torch.Tensor, r: float) -> torch.Tensor:
-    """The fast mode's fold, D(x - delta) taken as D(x) - delta: D_eff = D(x) - delta / (1 - r)."""
-    if r >= 1.0:
-        raise ValueError(f"sigma_next / sigma = {r} >= 1: the schedule does not decrease")
-    return denoised - merged_delta / (1.0 - r)
+    out = denoised - (r / (1.0 - r)) * merged_delta
+    return out if merged_shift is None else out - merged_shift

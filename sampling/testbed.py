@@ -16,7 +16,7 @@ import torch
 from .conditional import reconstruction_correction
 from .merge import gather, merge
 from .plans import RegionPlan
-from .sync import SyncSchedule, fold_update, sync_deltas, window_sync_gradient
+from .sync import SyncSchedule, fold_update, identity_through, shrinkage, sync_deltas, window_sync_gradient
 
 
 @dataclass(frozen=True)
@@ -58,10 +58,11 @@ def window_denoiser(world: GlobalStyleWorld, plan: RegionPlan):
 
 
 def sample(world: GlobalStyleWorld, plan: RegionPlan, n: int, steps: int = 60, sync: SyncSchedule | None = None,
-           seed: int = 0) -> torch.Tensor:
+           seed: int = 0, fast: bool = False) -> torch.Tensor:
     """n canvases sampled with Euler steps where every step merges the windows' exact predictions with
     the pack's `merge`; with `sync`, each window first takes the pack's sync step, the loss being the
-    squared difference of the window's and the anchor's mean x0 (this world's "style")."""
+    squared difference of the window's and the anchor's mean x0 (this world's "style"). `fast`: the
+    sync's fast mode (the denoiser's Jacobian taken as the identity; one evaluation per window)."""
     sigmas = schedule(steps)
     g = torch.Generator().manual_seed(seed)
     x = _as_canvas(torch.randn(n, world.length, generator=g, dtype=torch.float64) * sigmas[0])
@@ -79,17 +80,30 @@ def sample(world: GlobalStyleWorld, plan: RegionPlan, n: int, steps: int = 60, s
             with torch.no_grad():
                 anchor_image = denoise(plan.anchor, windows[plan.anchor], sigma)
 
+            kappas = {}
+
             def gradient(batch, xw, sigma=sigma, anchor_image=anchor_image):
                 (i,) = batch
-                return window_sync_gradient(xw, lambda v: denoise(i, v, sigma), lambda x0: x0, style_loss, anchor_image)
+                if not fast:
+                    return window_sync_gradient(xw, lambda v: denoise(i, v, sigma), lambda x0: x0, style_loss, anchor_image)
+                x0 = denoise(i, xw, sigma)
+                value, g = window_sync_gradient(xw, identity_through(x0), lambda v: v, style_loss, anchor_image)
+                kappas[i] = shrinkage(x0, xw, g)
+                return value, kappas[i] * g
             others = [i for i in range(len(windows)) if i != plan.anchor]
             with torch.enable_grad():
                 moved, _ = sync_deltas({i: windows[i] for i in others}, [(i,) for i in others], weight, sigma, gradient)
             deltas = [moved.get(i, torch.zeros_like(w)) for i, w in enumerate(windows)]
-            windows = [w - d for w, d in zip(windows, deltas)]
-        predicted = merge(plan, [denoise(i, w, sigma) for i, w in enumerate(windows)])
-        if deltas is not None:
-            predicted = fold_update(predicted, merge(plan, deltas), r)
+        if deltas is not None and fast:
+            shifts = [kappas.get(i, 0.0) * d for i, d in enumerate(deltas)]
+            predicted = fold_update(merge(plan, [denoise(i, w, sigma) for i, w in enumerate(windows)]),
+                                    merge(plan, deltas), r, merge(plan, shifts))
+        elif deltas is not None:
+            moved_windows = [w - d for w, d in zip(windows, deltas)]
+            predicted = fold_update(merge(plan, [denoise(i, w, sigma) for i, w in enumerate(moved_windows)]),
+                                    merge(plan, deltas), r)
+        else:
+            predicted = merge(plan, [denoise(i, w, sigma) for i, w in enumerate(windows)])
         x = x + (sigmas[k + 1] - sigmas[k]) * (x - predicted) / sigmas[k]
     return x[:, 0, 0, :]
 

@@ -3,13 +3,15 @@ against the papers' algorithm written out below (no pack sampling code: the regi
 pack's `gather` / `scatter_add`, tested on its own in test_plans.py and test_cubemap.py):
 
   exact mode - per synced step, decode the anchor factor's x0-prediction; move every other factor by
-  w_t (1 + sigma^2) grad LPIPS; move every variable (overlap) by the mean of the moves of the factors
-  holding it; denoise every region at its moved latent (its ControlNet fed the region's crop of the
+  w_t (1 + sigma^2) grad LPIPS; move every variable (overlap), cell by cell, by the mean of the moves of
+  the factors covering the cell; denoise every region at its moved latent (its ControlNet fed the region's crop of the
   hint); take every region's Euler step; merge the steps with the DiffCollage coefficients.
 
-  fast mode - the same with the model's Jacobian taken as the identity: the gradient looks at the
-  x0-prediction at the unmoved latent and runs through the decoder and LPIPS only, and a moved
-  region's prediction is its unmoved one shifted by the move.
+  fast mode - one model evaluation: the gradient g looks at the x0-prediction at the unmoved latent and
+  runs through the decoder and LPIPS only; the model's Jacobian along g is its one-evaluation estimate
+  kappa = <D(x), g> / <x, g> (clamped to [0, 1]), so a factor moves by w_t (1 + sigma^2) kappa g and a moved
+  region's prediction is its unmoved one shifted by kappa times its move (variables: the factors' shifts
+  averaged like their moves).
 """
 from __future__ import annotations
 
@@ -105,6 +107,7 @@ class PlanReference:
                 unmoved = [self.denoise(xr, sigma, i) if c != 0 or i == lay.anchor else None
                            for i, (xr, c) in enumerate(zip(xs, lay.coefficients))]
             move = {i: torch.zeros_like(xs[i]) for i in self.factors}
+            kappa = {i: 0.0 for i in self.factors}
             if w_t > 0:
                 with torch.no_grad():
                     anchor_image = self.image(unmoved[lay.anchor])
@@ -115,23 +118,26 @@ class PlanReference:
                     with torch.enable_grad():
                         x0 = unmoved[f] + (xf - xf.detach()) if fast else self.denoise(xf, sigma, f)
                         (g,) = torch.autograd.grad(self.lpips(self.image(x0), anchor_image, normalize=False).sum(), xf)
-                    move[f] = w_t * (1 + float(sigma) ** 2) * g
-            moves = []
-            for i, r in enumerate(lay.regions):  # a variable moves by the mean of its factors' moves on its cells
-                holders = [i] if i in move else list(lay.factors_of[i])
-                parts = []
-                for f in holders:
-                    canvas = torch.zeros_like(x)
-                    scatter_add(canvas, lay.regions[f], move[f])
-                    parts.append(gather(canvas, r))
-                moves.append(sum(parts) / len(parts))
+                    kappa[f] = (float((unmoved[f] * g).sum() / (xs[f] * g).sum())) if fast else 1.0
+                    kappa[f] = min(max(kappa[f], 0.0), 1.0)
+                    move[f] = w_t * (1 + float(sigma) ** 2) * kappa[f] * g
+            # a variable moves, cell by cell, by the mean of the moves of the factors covering the cell
+            summed, covering = torch.zeros_like(x), torch.zeros_like(x)
+            for f in self.factors:
+                scatter_add(summed, lay.regions[f], move[f])
+                scatter_add(covering, lay.regions[f], torch.ones_like(move[f]))
+            moves = [move[i] if i in move else gather(summed / covering, r) for i, r in enumerate(lay.regions)]
+            summed.zero_()
+            for f in self.factors:
+                scatter_add(summed, lay.regions[f], kappa[f] * move[f])
+            shifts = [kappa[i] * move[i] if i in move else gather(summed / covering, r) for i, r in enumerate(lay.regions)]
             total, norm = torch.zeros_like(x), torch.zeros_like(x)
             for i, (r, c) in enumerate(zip(lay.regions, lay.coefficients)):
                 if c == 0:
                     continue
                 xm = xs[i] - moves[i]
                 with torch.no_grad():
-                    d = unmoved[i] - moves[i] if fast else self.denoise(xm, sigma, i)
+                    d = unmoved[i] - shifts[i] if fast else self.denoise(xm, sigma, i)
                 stepped = xm + (sigma_next - sigma) * (xm - d) / sigma  # Euler = DDIM (eta 0)
                 scatter_add(total, r, c * stepped)
                 scatter_add(norm, r, c * torch.ones_like(stepped))
@@ -183,3 +189,31 @@ def test_batched_gradient_passes_equal_one_at_a_time(s, kind, gradient):
     print(f"[sync plans] {kind} {gradient}: batch 3 vs 1 max deviation {error:.2e} (values up to "
           f"{one.abs().max().item():.0f}; sync moved {(one - unsynced).abs().max().item():.3f})")
     assert error < 1e-5 * one.abs().max().item() and (one - unsynced).abs().max().item() > 1e3 * max(error, 1e-9)
+
+
+@pytest.mark.parametrize("kind", ["windows", "chain", "cycle", "grid", "cubemap"])
+def test_batched_windows_equal_one_at_a_time_without_sync(s, kind):
+    canvas_px, plan = plans(s)[kind]
+    world, _ = world_for(s, torch.float32, True, canvas_px)
+    one = pack_run(s, world, plan, canvas_px, None, batch=1)
+    many = pack_run(s, world, plan, canvas_px, None, batch=4)
+    assert (one - many).abs().max().item() < 1e-5 * one.abs().max().item()
+
+
+def test_automatic_batch_size_follows_comfys_memory_estimate(s):
+    """The automatic window batch for a given free-memory figure, against ComfyUI's own estimate of one
+    window's model call (BaseModel.memory_required) worked through by hand: 1.5x margin, x2 with a ControlNet;
+    a gradient pass keeps 3x the activations and adds the decoder and LPIPS per decoded pixel."""
+    from controlsync.nodes import bridge
+    world = s.inference
+    layout = bridge.layout_for(s.plan, world["model"], (1, 4, 8, 24))
+    conds = [world["pos"], world["neg"]]
+    one_call = world["model"].model.memory_required([2, 4, 8, 8])  # cond + uncond of one 8x8-cell window
+    per_window = 2 * one_call  # a ControlNet runs too
+    for windows in (1, 3, 7):
+        free = windows * 1.5 * per_window + 1.0
+        assert bridge.auto_window_batch(world["model"].model, layout, conds, (1, 4, 8, 24), free) == windows
+        gradient = per_window * 3 + 12_000 * 1 * 64 * 64
+        free = windows * 1.5 * gradient + 1.0
+        assert bridge.auto_window_batch(world["model"].model, layout, conds, (1, 4, 8, 24), free, gradient=True) == windows
+    assert bridge.auto_window_batch(world["model"].model, layout, conds, (1, 4, 8, 24), 0.0) == 1
