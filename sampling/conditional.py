@@ -39,7 +39,9 @@ def autoregressive_order(plan: RegionPlan, known: torch.Tensor) -> list[int]:
     one sharing the most cells with what is known so far (the known pixels, then the windows done);
     ties and a start with nothing known go by factor number. `known`: (H, W) canvas, nonzero = known."""
     done = known.bool().clone()
-    factors = [i for i in range(len(plan.regions)) if not plan.factors_of or plan.factors_of[i] == (i,)]
+    # factors that count in the merge (a cubemap's anchor window may sit in the plan at coefficient 0)
+    factors = [i for i in range(len(plan.regions))
+               if (not plan.factors_of or plan.factors_of[i] == (i,)) and plan.coefficients[i] != 0]
     order = []
     while factors:
         best = max(factors, key=lambda i: (int(gather(done, plan.regions[i]).sum()), -i))

@@ -44,4 +44,7 @@ def test_autoregressive_order_grows_out_of_the_known_pixels():
     assert order[0] == 2 and sorted(order) == factors
     assert order.index(1) < order.index(0) and order.index(3) < order.index(4)
     cube = FactorGraphPlan("cubemap", (64, 384), (64, 64), 32).layout((8, 48), 8)
-    assert sorted(autoregressive_order(cube, torch.zeros(8, 48))) == [i for i, f in enumerate(cube.factors_of) if f == (i,)]
+    # every window that counts in the merge; not the default anchor, a window kept at coefficient 0
+    order = autoregressive_order(cube, torch.zeros(8, 48))
+    assert sorted(order) == [i for i, (f, c) in enumerate(zip(cube.factors_of, cube.coefficients)) if f == (i,) and c]
+    assert len(order) == 19 and cube.anchor not in order
