@@ -75,7 +75,7 @@ def sample(world: GlobalStyleWorld, plan: RegionPlan, n: int, steps: int = 60, s
         windows = [gather(x, region) for region in plan.regions]
         weight = sync.weight_at(k, steps) if sync is not None else 0.0
         deltas = None
-        if weight > 0:
+        if sync is not None:  # the sync code runs whenever sync is given, also at w_t = 0 (then it must not move)
             with torch.no_grad():
                 anchor_image = denoise(plan.anchor, windows[plan.anchor], sigma)
 
