@@ -471,3 +471,33 @@ def test_bad_noise_mask_names_the_input(c):
     plan = collage(c, "chain", c.image)
     with pytest.raises(ValueError, match="latent_image: its noise mask is 200x64 but the canvas is 256x64 px"):
         sample(c, plan, c.image, latent={"samples": known, "noise_mask": torch.ones(1, 64, 200)})
+
+
+def test_coherence_report_measures_drift_to_the_cubemap_anchor_chosen(c):
+    """Coherence Report on a cubemap: one drift value per window (20: the 19 in the merge and the default anchor,
+    window 0 - the left face, which cancels out of the merge), each the LPIPS to exactly the left face."""
+    import re
+    import folder_paths
+    import lpips_weights
+    from pathlib import Path
+    from controlsync.nodes import bridge
+    from controlsync.nodes.coherence_report import CoherenceReport
+    from controlsync.sampling import gather
+    folder = Path(__file__).resolve().parent / ".cache" / "lpips"
+    lpips_weights.write_lpips_backbones(folder)
+    folder_paths.add_model_folder_path("lpips", str(folder))
+    strip = cube_strip(c)
+    plan = c.Collage.execute("cubemap", 64, 64, 64, 64, 32, "horizontal", 0, image=strip).args[0]
+    with torch.inference_mode():
+        _, report = CoherenceReport.execute(strip, 64, "alex", plan).args
+    drift = [float(v) for v in re.search(r"drift per window ([0-9. ]+)", report)[1].split()]
+    layout = plan.layout((8, 48), 8)
+    windows = [r for i, r in enumerate(layout.regions) if layout.factors_of[i] == (i,)]
+    assert len(drift) == len(windows) == 20
+    image = strip[0].movedim(-1, 0).float() * 2 - 1
+    left_face = image[:, :, :64]
+    loss = bridge.load_lpips("alex", "cpu")
+    with torch.no_grad():
+        expected = [float(loss(gather(image, r.scaled(8))[None], left_face[None], normalize=False)) for r in windows]
+    assert drift.count(0.0) == 1 and drift[0] == 0.0
+    assert all(abs(a - b) < 1e-3 for a, b in zip(drift, expected)), (drift, expected)
