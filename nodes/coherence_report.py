@@ -86,8 +86,10 @@ class CoherenceReport(io.ComfyNode):
             raise ValueError(f"lpips_net: {e}") from None
         if plan is not None:
             layout = plan.layout((H // LATENT_CELL_PX, W // LATENT_CELL_PX), LATENT_CELL_PX)
-            regions = [r.scaled(LATENT_CELL_PX) for r, c in zip(layout.regions, layout.coefficients) if c > 0]
-            anchor = layout.anchor
+            # the windows or factors, not their overlaps; the anchor's place among them
+            factors = [i for i in range(len(layout.regions)) if not layout.factors_of or layout.factors_of[i] == (i,)]
+            regions = [layout.regions[i].scaled(LATENT_CELL_PX) for i in factors]
+            anchor = factors.index(layout.anchor)
             edges = sorted({p.src[1] for r in regions for p in r.pieces if 0 < p.src[1] < W})
         else:
             from ..sampling.plans import rect_region, window_starts

@@ -34,13 +34,18 @@ class FactorGraphCollage(io.ComfyNode):
                         "denoises each factor and each overlap, and the canvas prediction is sum(factors) - "
                         "sum((degree-1) * overlaps): exact for tree-shaped graphs, where plain averaging is not. "
                         "chain: long images; cycle: a horizontal loop that wraps with no seam (360 panoramas); "
-                        "grid: any height and width; cubemap: a full 360 environment as 6 square faces (a strip "
+                        "grid: any height and width; corner_grid: the paper's grid, factors meeting only at their corners; "
+                        "cubemap: a full 360 environment as 6 square faces (a strip "
                         "left, front, right, back, up, down), the paper's graph of three 4-face loops. Sampled by "
                         "ControlSync Sampler, with ControlNet crops and AnchorSync like window plans.",
             inputs=[
                 io.Combo.Input("graph", options=list(GRAPHS), default="chain",
                                tooltip="chain: factors in a row (long images); cycle: a loop whose last factor overlaps "
-                                       "the first (seamless horizontal wrap); grid: factors overlapping on all sides; cubemap: a 360 cube "
+                                       "the first (seamless horizontal wrap); grid: factors overlapping on all sides (counting numbers "
+                                       "over their intersections); corner_grid: the DiffCollage paper's grid - square factors "
+                                       "tiling the canvas plus a second tiling half a window in, each factor meeting 4 others "
+                                       "at its corners (needs window_width = window_height = 2 x overlap and a canvas a "
+                                       "multiple of the window); cubemap: a 360 cube "
                                        "(three loops of 4 faces; convert with Cubemap to Equirectangular)."),
                 io.Int.Input("width", default=2048, min=64, max=16384, step=8,
                              tooltip="Canvas width in pixels (cubemap: the width of one face; the canvas is 6 faces "
@@ -56,11 +61,13 @@ class FactorGraphCollage(io.ComfyNode):
                 io.Int.Input("overlap", default=256, min=0, max=16384, step=8,
                              tooltip="Pixels shared by neighbouring factors (the DiffCollage paper: half a window). For "
                                      "a loop the canvas width (a cubemap: 4 faces) must be a multiple of window_width - overlap. Above 0 "
-                                     "whenever there are several factors: the overlaps are what ties them together."),
+                                     "whenever there are several factors: the overlaps are what ties them together. "
+                                     "corner_grid: half the window (the corner overlaps are a quarter window)."),
                 io.Combo.Input("direction", options=["horizontal", "vertical"], default="horizontal",
                                tooltip="Chains only: left to right, or top to bottom."),
                 io.Int.Input("anchor_index", default=0, min=0, max=100000,
-                             tooltip="The factor AnchorSync synchronises the others to (from 0)."),
+                             tooltip="The factor AnchorSync synchronises the others to (from 0, in reading order; a "
+                                     "cubemap: the windows of the loops LFRB, ULDR, UFDB in turn)."),
                 io.Combo.Input("prompt_mode", options=list(PROMPT_MODES), default="one for all",
                                tooltip="one for all: every factor uses the sampler's positive prompt. per factor: one "
                                        "line of 'prompts' per factor, in order. interpolate: factors move from the first "

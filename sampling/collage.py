@@ -6,10 +6,10 @@ from dataclasses import dataclass, replace
 from .conditional import METHODS, ORDERS
 from .conditioning import VARIABLE_PROMPTS, region_prompts
 from .cubemap import cubemap_plan, with_face_prompts
-from .factor_graphs import chain_factors, cycle_factors, factor_region_plan, grid_factors
+from .factor_graphs import chain_factors, corner_grid_factors, cycle_factors, factor_region_plan, grid_factors
 from .plans import PlanError, RegionPlan, _cells
 
-GRAPHS = ("chain", "cycle", "grid", "cubemap")
+GRAPHS = ("chain", "cycle", "grid", "corner_grid", "cubemap")
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,9 @@ class FactorGraphPlan:
             if self.window_px[0] != face:
                 raise PlanError(f"cubemap: window_height must equal the face size ({face} px): each loop of faces is "
                                 f"one face high; got {self.window_px[0]}")
-        if self.graph == "grid":
+        if self.graph == "corner_grid":
+            self._check_corner_grid()
+        if self.graph in ("grid", "corner_grid"):
             along = min(self.window_px)
         else:
             along = self.window_px[0] if (self.graph == "chain" and self.direction == "vertical") else self.window_px[1]
@@ -65,6 +67,17 @@ class FactorGraphPlan:
             raise PlanError(f"overlap = {self.overlap_px} px must be smaller than the window ({self.window_px[1]}x"
                             f"{self.window_px[0]} px)")
 
+    def _check_corner_grid(self):
+        (H, W), (h, w) = self.canvas_px, self.window_px
+        if h != w or 2 * self.overlap_px != w:
+            raise PlanError(f"corner_grid (the paper's grid): square factors overlapping their 4 diagonal neighbours "
+                            f"by a quarter, half a window each way: set window_width = window_height = 2 x overlap "
+                            f"(e.g. 512, 512, 256); got a {w}x{h} px window and overlap {self.overlap_px} px")
+        for size, name in ((H, "height"), (W, "width")):
+            if size % w:
+                raise PlanError(f"corner_grid: the factors tile the canvas edge to edge, so {name} must be a multiple "
+                                f"of the window ({w} px): e.g. {max(2, round(size / w)) * w}; got {size}")
+
     def layout(self, latent_hw: tuple[int, int], factor: int = 8, multiple: int = 1) -> RegionPlan:
         H, W = latent_hw
         if (H * factor, W * factor) != tuple(self.canvas_px):
@@ -79,6 +92,8 @@ class FactorGraphPlan:
             boxes = chain_factors((H, W), window, overlap, 0 if self.direction == "vertical" else 1)
         elif self.graph == "cycle":
             boxes = cycle_factors((H, W), window, overlap)
+        elif self.graph == "corner_grid":
+            boxes = corner_grid_factors((H, W), window)
         else:
             boxes = grid_factors((H, W), window, overlap)
         if self.anchor >= len(boxes):

@@ -8,6 +8,12 @@ DiffCollage (Sec. 4.3) names two ways to condition a sample on known pixels y un
       D_eff = D - (w / 2) grad_x ||H D(x) - y||^2
   With w = 1 and a denoiser whose Jacobian is the identity on the known cells (small sigma), D_eff
   equals y there: Replacement is the limit; at large sigma the Jacobian, hence the pull, is small.
+  On a collage D is the merged prediction x0(x) = sum_R c_R m_R D_R(x_R) / N (N = sum_R c_R m_R per
+  cell), and its gradient is, by the chain rule through the merge,
+      grad_x ||H x0 - y||^2 = sum_R scatter_R( J_R^T gather_R(2 H^2 (x0 - y) c_R m_R / N) ),
+  one vector-Jacobian product per region whose merge weight touches a known cell
+  (`collage_reconstruction`). The older per-region form (`reconstruction_correction`, each region
+  pulled by its own residual D_R - y, then merged) is not this gradient once regions overlap.
 Both run jointly over the whole collage (one step for every region), or autoregressively: one
 window after another, each a full sampling run outpainting from what is known so far (the paper's
 baselines).
@@ -16,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .merge import gather, scatter_set
+from .merge import gather, normalizer, region_weights, scatter_add, scatter_set
 from .plans import RegionPlan
 
 METHODS = ("replacement", "reconstruction")
@@ -26,7 +32,9 @@ ORDERS = ("joint", "autoregressive")
 def reconstruction_correction(x: torch.Tensor, denoise, known: torch.Tensor, mask: torch.Tensor,
                               weight: float) -> tuple[torch.Tensor, float]:
     """(what to subtract from D(x), ||H D(x) - y||) for one region: (w / 2) grad_x ||H D(x) - y||^2.
-    `denoise` must be differentiable; `mask` is 1 on known cells."""
+    `denoise` must be differentiable; `mask` is 1 on known cells. Exact for a single region; on a collage
+    of overlapping regions `collage_reconstruction` is the gradient of the merged prediction's error (this
+    per-region form stays until the sampler switches over)."""
     x = x.detach().clone().requires_grad_(True)
     residual = (denoise(x) - known) * mask
     loss = residual.pow(2).sum()
@@ -34,12 +42,40 @@ def reconstruction_correction(x: torch.Tensor, denoise, known: torch.Tensor, mas
     return (weight / 2) * grad.detach(), float(loss.detach().sqrt())
 
 
+def collage_reconstruction(plan: RegionPlan, x: torch.Tensor, denoise_region, x0: torch.Tensor, known: torch.Tensor,
+                           mask: torch.Tensor, weight: float) -> torch.Tensor:
+    """DiffCollage's Reconstruction on the whole collage: (w / 2) grad_x ||mask * (x0(x) - known)||^2, the
+    canvas tensor to subtract from the merged prediction x0 (D_eff = x0 - this).
+
+    x: the canvas latent (B, C, H, W) the step denoises; x0: the plan's merged prediction at x (no grad
+    needed); known, mask: canvas-shaped or broadcastable (mask 1 on known cells; soft masks weigh the error
+    by mask^2, as ||H (x0 - y)||^2 with H = diag(mask)); denoise_region(i, x_region): region i's prediction
+    at its gathered latent, differentiable in x_region (called with a fresh leaf tensor that requires grad,
+    so run this outside inference mode). Regions whose merge weight is zero on every cell with an error (no
+    known cell, or coefficient 0) are not called."""
+    weights = region_weights(plan, x.dtype, x.device)
+    error = 2 * mask * mask * (x0 - known) / normalizer(plan, weights)  # d||H (x0 - y)||^2 / dx0, over N
+    gradient = torch.zeros_like(x)
+    for i, (region, w) in enumerate(zip(plan.regions, weights)):
+        v = gather(error, region) * w
+        if not bool(v.any()):
+            continue
+        x_region = gather(x, region).detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            out = denoise_region(i, x_region)
+        (vjp,) = torch.autograd.grad(out, x_region, grad_outputs=v.expand_as(out).to(out.dtype))
+        scatter_add(gradient, region, vjp.detach().to(gradient.dtype))
+    return (weight / 2) * gradient
+
+
 def autoregressive_order(plan: RegionPlan, known: torch.Tensor) -> list[int]:
     """The factors of `plan` in the order window-after-window outpainting samples them: each next the
     one sharing the most cells with what is known so far (the known pixels, then the windows done);
     ties and a start with nothing known go by factor number. `known`: (H, W) canvas, nonzero = known."""
     done = known.bool().clone()
-    factors = [i for i in range(len(plan.regions)) if not plan.factors_of or plan.factors_of[i] == (i,)]
+    # factors that count in the merge (a cubemap's anchor window may sit in the plan at coefficient 0)
+    factors = [i for i in range(len(plan.regions))
+               if (not plan.factors_of or plan.factors_of[i] == (i,)) and plan.coefficients[i] != 0]
     order = []
     while factors:
         best = max(factors, key=lambda i: (int(gather(done, plan.regions[i]).sum()), -i))

@@ -253,7 +253,12 @@ def cubemap_plan(size: int, window: int, overlap: int, anchor: int = 0) -> Regio
     """DiffCollage's cubemap graph on a strip of faces of `size` cells: each loop a cycle of windows
     `window` cells long with `overlap`, each face pair its two faces at coefficient -1. Regions that
     coincide (a window exactly on a face, as a pair sees it) are merged and their coefficients
-    added; those that cancel are left out. Windows come first, loop by loop (LFRB, ULDR, UFDB)."""
+    added; those that cancel are left out, except the anchor window, kept at coefficient 0 so the anchor is
+    always the window the user chose. Windows come first, loop by loop (LFRB, ULDR, UFDB).
+
+    factors_of: a window region is its own factor, (i,); any other region (an overlap, a face of a pair)
+    lists the window regions whose canvas cells contain all of its cells (empty when no single window
+    does, e.g. a face with windows narrower than a face)."""
     ring_canvas = (size, 4 * size)
     if window > 4 * size or (4 * size) % (window - overlap) or 4 * size // (window - overlap) < 3:
         raise PlanError(f"cubemap: each loop of 4 faces ({4 * size} cells around) must be a whole number, at least 3, "
@@ -273,16 +278,20 @@ def cubemap_plan(size: int, window: int, overlap: int, anchor: int = 0) -> Regio
         for face in pair:
             region = Region((size, size), (Piece((0, face * size), (0, 0), (size, size)),))
             coefficient[region] = coefficient.get(region, 0.0) - 1.0
-    kept = [r for r in windows if coefficient[r] != 0]
-    kept += [r for r, c in coefficient.items() if c != 0 and r not in kept]
     if not 0 <= anchor < len(windows):
         raise PlanError(f"anchor {anchor} is past the last window of the cubemap ({len(windows)} windows)")
-    anchor_region = windows[anchor]
-    if anchor_region not in kept:  # a window that cancelled out: take the first window kept
-        anchor_region = kept[0]
-    factors_of = tuple((i,) if i < len(windows) and coefficient[r] > 0 else () for i, r in enumerate(kept))
-    return RegionPlan((size, 6 * size), tuple(kept), tuple(coefficient[r] for r in kept), 0,
-                      kept.index(anchor_region), factors_of)
+    # the anchor is the window the user chose, also when it cancelled out of the merge: it is then kept
+    # at coefficient 0: it adds nothing to the merge, and a sampler needs its prediction only as the anchor
+    chosen = windows[anchor]
+    kept = [r for r in windows if coefficient[r] != 0 or r == chosen]
+    kept += [r for r, c in coefficient.items() if c != 0 and r not in kept]
+    is_window = set(windows)
+    cells = [r.cells() for r in kept]
+    factors_of = tuple((i,) if r in is_window else
+                       tuple(j for j, w in enumerate(kept) if w in is_window and cells[i] <= cells[j])
+                       for i, r in enumerate(kept))
+    return RegionPlan((size, 6 * size), tuple(kept), tuple(coefficient[r] for r in kept), 0, kept.index(chosen),
+                      factors_of)
 
 
 def face_cells(plan: RegionPlan, index: int) -> tuple[int, ...]:

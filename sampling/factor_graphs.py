@@ -5,6 +5,11 @@ D = sum_f D_f - sum_v (deg(v) - 1) D_v (the Bethe approximation, exact on trees)
 meet again (grid corners) the same rule generalises to counting numbers over the intersections of
 factors: c_R = 1 - sum of c_S over the regions S strictly containing R (Kikuchi); on chains and
 cycles this is exactly DiffCollage's rule, and on every canvas cell the coefficients sum to 1.
+
+The paper's own grid (Sec. 4.1: "each factor is an image patch that overlaps with 4 other factors at
+the 4 corners ... each variable node is connected to 2 factors") is `corner_grid_factors`: two
+staggered tilings, so factors meet only at corner quarters, every variable has degree 2 and the
+Kikuchi counting numbers are the Bethe ones (+1 per factor, -1 per quarter).
 """
 from __future__ import annotations
 
@@ -126,3 +131,25 @@ def grid_factors(canvas: tuple[int, int], window: tuple[int, int], overlap: int)
     ys = window_starts(canvas[0], window[0], window[0] - overlap)
     xs = window_starts(canvas[1], window[1], window[1] - overlap)
     return [Box(Span(y, window[0]), Span(x, window[1])) for y in ys for x in xs]
+
+
+def corner_grid_factors(canvas: tuple[int, int], window: tuple[int, int]) -> list[Box]:
+    """DiffCollage's grid graph: windows tiling the canvas edge to edge (at multiples of the window), and
+    a second tiling shifted by half a window both ways, kept where it fits inside the canvas. A window of
+    one tiling meets the (up to) 4 windows of the other at its 4 corners, in quarter-window overlaps, and
+    never a window of its own tiling; every overlap lies in exactly 2 windows. Row-major order (by top-left
+    corner), so the factors read like text."""
+    (H, W), (h, w) = canvas, window
+    if h % 2 or w % 2:
+        raise PlanError(f"corner_grid: the second tiling sits half a window in, so the window must be an even "
+                        f"number of latent cells; got {w}x{h}")
+    for size, win, name in ((H, h, "height"), (W, w, "width")):
+        if size % win:
+            raise PlanError(f"corner_grid: the windows tile the canvas edge to edge, so the canvas {name} "
+                            f"({size} cells) must be a multiple of the window's ({win} cells)")
+    if (H // h == 1) != (W // w == 1):
+        raise PlanError("corner_grid: the second tiling needs at least 2 windows each way (the canvas at least "
+                        "twice the window in height and width); for a single row or column use chain")
+    first = [(y, x) for y in range(0, H, h) for x in range(0, W, w)]
+    second = [(y, x) for y in range(h // 2, H - h + 1, h) for x in range(w // 2, W - w + 1, w)]
+    return [Box(Span(y, h), Span(x, w)) for y, x in sorted(first + second)]

@@ -55,6 +55,11 @@ class Region:
         (y, x), (h, w) = self.pieces[0].src, self.pieces[0].size
         return y, x, h, w
 
+    def cells(self) -> frozenset:
+        """The canvas cells (y, x) the region covers, whatever its pieces' turns."""
+        return frozenset((p.src[0] + dy, p.src[1] + dx) for p in self.pieces
+                         for dy in range(p.size[0]) for dx in range(p.size[1]))
+
 
 def rect_region(y: int, x: int, h: int, w: int, canvas: tuple[int, int] | None = None) -> Region:
     """A window at (y, x) of size (h, w); with `canvas` given, coordinates wrap around its edges."""

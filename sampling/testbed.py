@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .conditional import reconstruction_correction
+from .conditional import collage_reconstruction, reconstruction_correction
 from .merge import gather, merge
 from .plans import RegionPlan
 from .sync import SyncSchedule, fold_update, identity_through, shrinkage, sync_deltas, window_sync_gradient
@@ -76,7 +76,7 @@ def sample(world: GlobalStyleWorld, plan: RegionPlan, n: int, steps: int = 60, s
         windows = [gather(x, region) for region in plan.regions]
         weight = sync.weight_at(k, steps) if sync is not None else 0.0
         deltas = None
-        if weight > 0:
+        if sync is not None:  # the sync code runs whenever sync is given, also at w_t = 0 (then it must not move)
             with torch.no_grad():
                 anchor_image = denoise(plan.anchor, windows[plan.anchor], sigma)
 
@@ -111,7 +111,8 @@ def sample(world: GlobalStyleWorld, plan: RegionPlan, n: int, steps: int = 60, s
 def sample_conditional(world: GlobalStyleWorld, plan: RegionPlan, known: torch.Tensor, mask: torch.Tensor,
                        method: str, weight: float = 1.0, steps: int = 60, seed: int = 0):
     """Euler sampling of canvases (len(known) of them) holding `known` (N, L) where `mask` (L) is 1, jointly
-    over the plan's regions, with the pack's Replacement or Reconstruction. Returns the samples and, per
+    over the plan's regions, with the pack's Replacement, Reconstruction per region ("reconstruction") or
+    Reconstruction of the merged x0 ("collage_reconstruction"); anything else: no guidance. Returns the samples and, per
     step, the mean of ||H x0 - y|| of the merged x0-prediction the step moves toward."""
     sigmas = schedule(steps)
     g = torch.Generator().manual_seed(seed)
@@ -132,6 +133,10 @@ def sample_conditional(world: GlobalStyleWorld, plan: RegionPlan, known: torch.T
                 d = d - correction
             predictions.append(d)
         predicted = merge(plan, predictions)
+        if method == "collage_reconstruction":  # the gradient of the merged x0's error
+            with torch.enable_grad():
+                predicted = predicted - collage_reconstruction(plan, x, lambda i, v: denoise(i, v, sigma), predicted,
+                                                               y, m, weight)
         if method == "replacement":
             predicted = predicted * (1 - m) + y * m
         trace.append(float(((predicted - y) * m).flatten(1).norm(dim=1).mean()))

@@ -46,8 +46,10 @@ def collage(c, graph, image, window=64, overlap=32, **kw):
 def test_one_factor_graph_equals_one_window_plan_equals_ksampler(c):
     image = c.image[:, :, :64]
     one_factor = collage(c, "chain", image, window=64, overlap=0)
+    one_corner_factor = c.Collage.execute("corner_grid", 64, 64, 64, 64, 32, "horizontal", 0, image=image).args[0]
     one_window = c.Planner.execute(64, 64, 64, 64, 64, "first", 0, "uniform", image=image).args[0]
     a, b = sample(c, one_factor, image), sample(c, one_window, image)
+    assert torch.equal(sample(c, one_corner_factor, image), a)
     pos, neg = conds(c, image)
     with torch.inference_mode():
         ref = c.nodes.common_ksampler(c.model, 7, 3, 7.5, "euler", "normal", pos, neg,
@@ -55,13 +57,99 @@ def test_one_factor_graph_equals_one_window_plan_equals_ksampler(c):
     assert torch.equal(a, b) and torch.equal(a, ref)
 
 
-@pytest.mark.parametrize("graph", ["chain", "cycle", "grid"])
-def test_graphs_sample_with_controlnet_crops(c, graph):
-    image = c.image if graph != "grid" else c.tm.condition_image(128, 128)
-    plan = collage(c, graph, image) if graph != "grid" else c.Collage.execute(
-        "grid", 128, 128, 64, 64, 32, "horizontal", 0, image=image).args[0]
-    out = sample(c, plan, image)
+def window_crop(canvas, y, x, h, w):
+    """Cells y..y+h, x..x+w of a (..., H, W) canvas, the columns wrapping around (loops)."""
+    cols = torch.tensor([(x + i) % canvas.shape[-1] for i in range(w)])
+    return canvas[..., y:y + h, :].index_select(-1, cols)
+
+
+def recorded_hints(c, plan, image):
+    """Every hint the real ControlNet module receives in a 1-step run, one per batch item."""
+    hints = []
+    handle = c.cn.control_model.register_forward_hook(lambda m, a, kw, out: hints.append(kw["hint"].clone()),
+                                                      with_kwargs=True)
+    try:
+        out = sample(c, plan, image, steps=1)
+    finally:
+        handle.remove()
     assert bool(torch.isfinite(out).all()) and out.shape[-2:] == (image.shape[1] // 8, image.shape[2] // 8)
+    return [h for hint in hints for h in hint]
+
+
+@pytest.mark.parametrize("graph", ["chain", "cycle", "grid", "corner_grid"])
+def test_graphs_give_every_region_its_controlnet_crop(c, graph):
+    """A forward hook on the real ControlNet module: every factor and overlap (a loop's across the wrap too)
+    gets the crop of ComfyUI's canvas-sized hint at its cells, cut out here, and nothing else."""
+    import comfy.utils
+    image = c.image if graph in ("chain", "cycle") else c.tm.condition_image(128, 128)
+    if graph in ("chain", "cycle"):
+        plan = collage(c, graph, image)
+    else:
+        plan = c.Collage.execute(graph, 128, 128, 64, 64, 32, "horizontal", 0, image=image).args[0]
+    layout = plan.layout((image.shape[1] // 8, image.shape[2] // 8), 8)
+    hints = recorded_hints(c, plan, image)
+    H, W = image.shape[1:3]
+    canvas_hint = comfy.utils.common_upscale(image.movedim(-1, 1), W, H, c.cn.upscale_algorithm, "center")[0]
+    expected = []
+    for region in layout.regions:
+        (y, x), (h, w) = region.pieces[0].src, region.size
+        expected.append(window_crop(canvas_hint, 8 * y, 8 * x, 8 * h, 8 * w))
+    if graph == "cycle":
+        assert any(len(r.pieces) > 1 for r in layout.regions)  # some regions cross the wrap
+    assert len(hints) >= len(expected)
+    for hint in hints:
+        assert any(hint.shape == e.shape and torch.equal(hint, e.to(hint.dtype)) for e in expected)
+    for e in expected:
+        assert any(hint.shape == e.shape and torch.equal(hint, e.to(hint.dtype)) for hint in hints)
+
+
+def _record(log):
+    def wrapper(executor, model, conds, x, timestep, *args, **kwargs):
+        out = executor(model, conds, x, timestep, *args, **kwargs)
+        log.append((x.clone(), [o.clone() for o in out]))
+        return out
+    return wrapper
+
+
+def test_corner_grid_merge_is_the_papers_sum(c):
+    """The paper's grid in ControlSync Sampler: the canvas prediction ComfyUI's CFG receives (recorded above the
+    windowed model) is sum(factors) - sum(corner quarters) of the predictions each region's model call returned
+    (recorded below it), with the graph written out here by hand: 128x192 px, 64 px factors."""
+    import comfy.patcher_extension as pe
+    image = c.tm.condition_image(128, 192)
+    plan = c.Collage.execute("corner_grid", 192, 128, 64, 64, 32, "horizontal", 0, image=image).args[0]
+    # latent cells: a 2x3 tiling of 8-cell factors, 2 more 4 cells in, and the 8 corners where they meet
+    tiling = [(y, x, 8, 8) for y in (0, 8) for x in (0, 8, 16)]
+    shifted = [(4, 4, 8, 8), (4, 12, 8, 8)]
+    corners = [(y, x, 4, 4) for y in (4, 8) for x in (4, 8, 12, 16)]
+    expected_regions = [(r, 1.0) for r in tiling + shifted] + [(r, -1.0) for r in corners]
+    outer, inner = [], []
+    base = c.model.clone()
+    base.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, "test.outer", _record(outer))
+    model = c.Windowed.execute(base, plan, 1).args[0]
+    model.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, "test.inner", _record(inner))
+    pos, neg = conds(c, image)
+    with torch.inference_mode():
+        c.nodes.common_ksampler(model, 7, 1, 7.5, "euler", "normal", pos, neg, {"samples": torch.zeros(1, 4, 16, 24)})
+    (x_canvas, merged), = outer
+    B = x_canvas.shape[0]
+    predictions = {}  # (y, x, h, w) -> per cond, the region's prediction
+    for x_call, outs in inner:
+        for k in range(x_call.shape[0] // B):
+            part = x_call[k * B:(k + 1) * B]
+            found = [r for r, _ in expected_regions if r[2:] == tuple(part.shape[-2:]) and
+                     torch.equal(part, x_canvas[..., r[0]:r[0] + r[2], r[1]:r[1] + r[3]])]
+            assert len(found) == 1
+            predictions[found[0]] = [o[k * B:(k + 1) * B] for o in outs]
+    assert set(predictions) == {r for r, _ in expected_regions}
+    for ci in range(len(merged)):
+        total = torch.zeros_like(merged[ci], dtype=torch.float64)
+        weight = torch.zeros(16, 24, dtype=torch.float64)
+        for (y, x, h, w), coefficient in expected_regions:
+            total[..., y:y + h, x:x + w] += coefficient * predictions[(y, x, h, w)][ci].double()
+            weight[y:y + h, x:x + w] += coefficient
+        assert torch.equal(weight, torch.ones_like(weight))
+        assert torch.allclose(merged[ci].double(), total, atol=1e-5)
 
 
 class RolledNoise:
@@ -383,3 +471,33 @@ def test_bad_noise_mask_names_the_input(c):
     plan = collage(c, "chain", c.image)
     with pytest.raises(ValueError, match="latent_image: its noise mask is 200x64 but the canvas is 256x64 px"):
         sample(c, plan, c.image, latent={"samples": known, "noise_mask": torch.ones(1, 64, 200)})
+
+
+def test_coherence_report_measures_drift_to_the_cubemap_anchor_chosen(c):
+    """Coherence Report on a cubemap: one drift value per window (20: the 19 in the merge and the default anchor,
+    window 0 - the left face, which cancels out of the merge), each the LPIPS to exactly the left face."""
+    import re
+    import folder_paths
+    import lpips_weights
+    from pathlib import Path
+    from controlsync.nodes import bridge
+    from controlsync.nodes.coherence_report import CoherenceReport
+    from controlsync.sampling import gather
+    folder = Path(__file__).resolve().parent / ".cache" / "lpips"
+    lpips_weights.write_lpips_backbones(folder)
+    folder_paths.add_model_folder_path("lpips", str(folder))
+    strip = cube_strip(c)
+    plan = c.Collage.execute("cubemap", 64, 64, 64, 64, 32, "horizontal", 0, image=strip).args[0]
+    with torch.inference_mode():
+        _, report = CoherenceReport.execute(strip, 64, "alex", plan).args
+    drift = [float(v) for v in re.search(r"drift per window ([0-9. ]+)", report)[1].split()]
+    layout = plan.layout((8, 48), 8)
+    windows = [r for i, r in enumerate(layout.regions) if layout.factors_of[i] == (i,)]
+    assert len(drift) == len(windows) == 20
+    image = strip[0].movedim(-1, 0).float() * 2 - 1
+    left_face = image[:, :, :64]
+    loss = bridge.load_lpips("alex", "cpu")
+    with torch.no_grad():
+        expected = [float(loss(gather(image, r.scaled(8))[None], left_face[None], normalize=False)) for r in windows]
+    assert drift.count(0.0) == 1 and drift[0] == 0.0
+    assert all(abs(a - b) < 1e-3 for a, b in zip(drift, expected)), (drift, expected)

@@ -81,12 +81,16 @@ def test_cubemap_coefficients_sum_to_one_and_merge_is_consistent(face, window, o
 
 def test_papers_cubemap_graph_counts():
     """Face-sized windows at half overlap: 8 windows and 8 half-face overlaps per loop; the windows lying
-    exactly on a face as a face pair sees it (unturned) cancel against that pair's -1."""
+    exactly on a face as a face pair sees it (unturned) cancel against that pair's -1 (and leave the plan,
+    except the anchor)."""
     plan = cm.cubemap_plan(64, 64, 32)
     windows = [r for r, c in zip(plan.regions, plan.coefficients) if c > 0]
     halves = [r for r in plan.regions if r.size == (64, 32)]
     assert len(windows) == 24 - 5 and len(halves) == 24
-    assert plan.factors_of[plan.anchor] == (plan.anchor,)
+    # the default anchor, window 0 (the left face), is one that cancels: it stays, at coefficient 0
+    assert plan.factors_of[plan.anchor] == (plan.anchor,) and plan.coefficients[plan.anchor] == 0
+    assert plan.regions[plan.anchor].rect == (0, 0, 64, 64)
+    assert len(plan.regions) == 19 + 1 + 24 + 1  # windows, the anchor, half-face overlaps, the up face
 
 
 def test_cubemap_region_pieces_are_views_of_the_cube():
@@ -252,3 +256,60 @@ def test_equirectangular_matches_pytorch360convert_and_py360convert(layout):
 def test_bad_layouts_are_refused(layout, shape, needle):
     with pytest.raises(S.PlanError, match=needle):
         cm.cube_faces(torch.zeros(shape), layout)
+
+
+# --- the anchor the user chose, and which windows contain each region --------------------------
+
+def ring_windows(size, window, overlap):
+    """Every window of the three loops, loop by loop, as the (size, window) block of cube-strip cell ids
+    the loop shows there (turns included), built here from the loops' face order and quarter turns."""
+    ids = strip_of_ids(size)
+    step, out = window - overlap, []
+    for faces in cm.RINGS.values():
+        ring = torch.cat([torch.rot90(ids[:, f * size:(f + 1) * size], k, dims=(0, 1)) for f, k in faces], dim=1)
+        for k in range(4 * size // step):
+            out.append(ring[:, [(k * step + i) % (4 * size) for i in range(window)]])
+    return out
+
+
+@pytest.mark.parametrize("face,window,overlap", [(8, 8, 4), (8, 16, 8), (16, 8, 4)])
+def test_cubemap_anchor_is_exactly_the_chosen_window(face, window, overlap):
+    """Every anchor index gives the window the user chose (cells and orientation), also a window that
+    cancels out of the merge (face-sized windows on a face, as the default anchor 0): it stays in the plan
+    at coefficient 0, and the merge itself does not depend on the anchor."""
+    ids = strip_of_ids(face)
+    windows = ring_windows(face, window, overlap)
+    merges = set()
+    cancelled = 0
+    for anchor in range(len(windows)):
+        plan = cm.cubemap_plan(face, window, overlap, anchor)
+        assert torch.equal(S.gather(ids, plan.regions[plan.anchor]), windows[anchor])
+        assert plan.factors_of[plan.anchor] == (plan.anchor,)
+        cancelled += plan.coefficients[plan.anchor] == 0
+        merges.add(frozenset((r, c) for r, c in zip(plan.regions, plan.coefficients) if c != 0))
+        total = torch.zeros(plan.canvas, dtype=torch.float64)
+        for region, c in zip(plan.regions, plan.coefficients):
+            S.scatter_add(total, region, torch.full(region.size, c, dtype=torch.float64))
+        assert torch.equal(total, torch.ones_like(total))
+    assert len(merges) == 1
+    # face-sized windows: the 4 LFRB windows on a face and the unturned ULDR window on the down face cancel
+    assert cancelled == (5 if window == face else 0)
+
+
+@pytest.mark.parametrize("face,window,overlap", [(8, 8, 4), (8, 16, 8), (16, 8, 4)])
+def test_cubemap_factors_of_lists_the_windows_containing_each_region(face, window, overlap):
+    """factors_of: (i,) for every window region; for every other region, exactly the window regions whose
+    cube cells hold all of its cells (checked on a strip of cell ids, turned pieces and all)."""
+    ids = strip_of_ids(face)
+    window_blocks = ring_windows(face, window, overlap)
+    plan = cm.cubemap_plan(face, window, overlap, 0)
+    seen = [S.gather(ids, r) for r in plan.regions]
+    is_window = [any(b.shape == s.shape and torch.equal(b, s) for b in window_blocks) for s in seen]
+    cells = [set(s.flatten().tolist()) for s in seen]
+    for i in range(len(plan.regions)):
+        expected = (i,) if is_window[i] else tuple(j for j in range(len(plan.regions))
+                                                   if is_window[j] and cells[i] <= cells[j])
+        assert plan.factors_of[i] == expected, i
+        if not is_window[i] and plan.regions[i].size[1] < window:  # loop overlaps: inside their two windows at least
+            assert len(expected) >= 2
+    assert sum(is_window) == sum(1 for i, f in enumerate(plan.factors_of) if f == (i,))

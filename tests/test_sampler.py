@@ -237,12 +237,60 @@ def _area_and_mask_conds(w):
     return base + area + masked
 
 
+WINDOW_RECTS = [(0, x, 8, 8) for x in (0, 4, 8, 12, 16)]  # plan(w): 64 px windows every 32 px over 192x64
+
+
+def _window_conds(cond_list, rect):
+    """A cond list as one window should see it, cut here: areas (h, w, y, x) intersected with the window in
+    its coordinates (conds whose area misses the window dropped), masks cropped to it."""
+    y, x, h, w = rect
+    out = []
+    for d in cond_list:
+        d = dict(d)
+        if "area" in d:
+            ah, aw, ay, ax = d["area"]
+            y0, y1, x0, x1 = max(ay, y), min(ay + ah, y + h), max(ax, x), min(ax + aw, x + w)
+            if y1 <= y0 or x1 <= x0:
+                continue
+            d["area"] = (y1 - y0, x1 - x0, y0 - y, x0 - x)
+        if d.get("mask") is not None:
+            d["mask"] = d["mask"][..., y:y + h, x:x + w]
+        out.append(d)
+    return out
+
+
 def test_area_and_mask_conditioning_work_per_window(w):
-    pos = _area_and_mask_conds(w)
-    assert torch.equal(run(w, full_window(w), pos=pos), ksampler(w, pos=pos))
-    windows = run(w, plan(w), pos=pos)
-    assert bool(torch.isfinite(windows).all())
-    assert not torch.equal(windows, run(w, plan(w), pos=w.tm.text_cond(20)))
+    """Above the windowed model, the canvas prediction of the first step equals MultiDiffusion computed here
+    with ComfyUI's own cond batching (comfy.samplers._calc_cond_batch) on every window's latent, with the area
+    cond intersected with the window and the mask cond cropped to it, averaged per cell."""
+    import comfy.samplers
+    pos, neg = _area_and_mask_conds(w), w.tm.text_cond(11)
+    assert torch.equal(run(w, full_window(w), pos=pos, neg=neg), ksampler(w, pos=pos, neg=neg))
+    checked = []
+
+    def reference(executor, model, conds, x, timestep, model_options, *args, **kwargs):
+        out = executor(model, conds, x, timestep, model_options, *args, **kwargs)
+        if not checked:
+            assert any("area" in d for d in conds[0]) and any(d.get("mask") is not None for d in conds[0])
+            total = [torch.zeros_like(o) for o in out]
+            count = torch.zeros(x.shape[-2:], dtype=x.dtype)
+            for rect in WINDOW_RECTS:
+                y0, x0, h, ww = rect
+                parts = comfy.samplers._calc_cond_batch(model, [_window_conds(c, rect) for c in conds],
+                                                        x[..., y0:y0 + h, x0:x0 + ww], timestep, model_options)
+                for t, p in zip(total, parts):
+                    t[..., y0:y0 + h, x0:x0 + ww] += p
+                count[y0:y0 + h, x0:x0 + ww] += 1
+            for o, t in zip(out, total):
+                checked.append(float((o - t / count).abs().max() / o.abs().max()))
+        return out
+    base = w.model.clone()
+    base.add_wrapper_with_key(w.pe.WrappersMP.CALC_COND_BATCH, "test.reference", reference)
+    windows = run(w, plan(w), model=base, pos=pos, neg=neg)
+    assert bool(torch.isfinite(windows).all()) and len(checked) == 2
+    assert max(checked) < 1e-5, checked
+    # the area and mask conds change the result (they really reach the windows)
+    assert not torch.equal(windows, run(w, plan(w), pos=w.tm.text_cond(20), neg=neg))
 
 
 # --- nothing leaks -----------------------------------------------------------------------------
@@ -375,6 +423,10 @@ def test_context_windows_and_double_windowing_are_refused(w):
 
 @pytest.mark.parametrize("kind", ["t2i", "control_lora"])
 def test_t2i_adapter_and_control_lora(w, kind):
+    """The control's own network (the T2I adapter module; the ControlNet that Control-LoRA builds at pre-run)
+    receives, for every window, the window's crop of the canvas-sized condition cut here, and nothing else."""
+    import comfy.cldm.cldm
+    import comfy.utils
     tm = w.tm
     with torch.inference_mode():
         model = tm.tiny_model(0, arch="sd15_deep") if kind == "t2i" else w.model
@@ -385,6 +437,22 @@ def test_t2i_adapter_and_control_lora(w, kind):
     ref = ksampler(w, model=model, pos=pos, neg=neg)
     assert not torch.equal(ref, plain)  # the control really acts on the model
     assert torch.equal(run(w, full_window(w), model=model, pos=pos, neg=neg), ref)
-    windows = run(w, plan(w), model=model, pos=pos, neg=neg)
-    assert bool(torch.isfinite(windows).all())
-    assert not torch.equal(windows, run(w, plan(w), model=model, pos=tm.text_cond(1), neg=tm.text_cond(2)))
+    hints = []
+    if kind == "t2i":
+        handle = control.t2i_model.register_forward_hook(lambda m, args, out: hints.append(args[0].clone()))
+    else:  # the Control-LoRA's ControlNet exists only during sampling: watch every ControlNet module
+        handle = torch.nn.modules.module.register_module_forward_hook(
+            lambda m, args, kwargs, out: hints.append(kwargs["hint"].clone())
+            if isinstance(m, comfy.cldm.cldm.ControlNet) else None, with_kwargs=True)
+    try:
+        windows = run(w, plan(w), model=model, pos=pos, neg=neg, steps=1)
+    finally:
+        handle.remove()
+    canvas_hint = comfy.utils.common_upscale(w.image.movedim(-1, 1), 192, 64, control.upscale_algorithm, "center")[0]
+    expected = [canvas_hint[:, 8 * y:8 * (y + h), 8 * x:8 * (x + ww)] for y, x, h, ww in WINDOW_RECTS]
+    items = [h for hint in hints for h in hint]
+    assert bool(torch.isfinite(windows).all()) and len(items) >= len(expected)
+    for item in items:
+        assert any(item.shape == e.shape and torch.equal(item, e.to(item.dtype)) for e in expected)
+    for e in expected:
+        assert any(item.shape == e.shape and torch.equal(item, e.to(item.dtype)) for item in items)

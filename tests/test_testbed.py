@@ -1,4 +1,6 @@
 """The analytic test bed: the pack's merge and sync code on a world with a known answer (plain torch)."""
+import math
+
 import torch
 
 from comfy_host import load_sampling
@@ -31,12 +33,38 @@ def test_global_style_world_orders_the_methods_as_the_papers_claim():
     assert spread["sync (w 20, 0.95, 10 of 60 steps)"] < 2 * spread["true samples"] < spread["joint averaging"]
 
 
+def averaging_reference(world, n, steps, seed):
+    """MultiDiffusion on the 48-cell world written out here: windows of 16 cells every 8, each denoised by the
+    exact denoiser of its own marginal, averaged per cell, an Euler step (the test bed's noise and schedule)."""
+    sigmas = torch.cat([torch.exp(torch.linspace(math.log(40.0), math.log(2e-3), steps, dtype=torch.float64)),
+                        torch.zeros(1, dtype=torch.float64)])
+    x = torch.randn(n, 48, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * sigmas[0]
+    cov = world.tau ** 2 * torch.ones(16, 16, dtype=torch.float64) + world.delta ** 2 * torch.eye(16, dtype=torch.float64)
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        total, count = torch.zeros_like(x), torch.zeros(48, dtype=torch.float64)
+        for start in (0, 8, 16, 24, 32):
+            cells = slice(start, start + 16)
+            total[:, cells] += x[:, cells] @ torch.linalg.solve(cov + s ** 2 * torch.eye(16, dtype=torch.float64), cov)
+            count[cells] += 1
+        x = x + (s_next - s) * (x - total / count) / s
+    return x
+
+
 def test_sync_weight_zero_is_plain_averaging_in_the_test_bed():
+    """w = 0 runs the test bed's sync code (gradients, deltas, the folded update) and must leave plain averaging,
+    written out here, unchanged; a small w already moves the result (the sync path is live)."""
     world = T.GlobalStyleWorld()
     plan = S.WindowPlan((8, 8 * 48), (8, 8 * 16), (8, 8 * 8)).layout((1, 48), 8)
+    reference = averaging_reference(world, 50, 20, seed=3)
     plain = T.sample(world, plan, 50, steps=20, seed=3)
-    zero = T.sample(world, plan, 50, steps=20, seed=3, sync=SyncSchedule(0.0, 0.95, 10))
-    assert torch.equal(plain, zero)
+    zero = T.sample(world, plan, 50, steps=20, seed=3, sync=SyncSchedule(0.0, 0.95, 10, 20))
+    small = T.sample(world, plan, 50, steps=20, seed=3, sync=SyncSchedule(0.05, 0.95, 10, 20))
+    assert torch.allclose(plain, reference, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(zero, reference, rtol=1e-10, atol=1e-12)
+    moved = float((small - reference).norm() / reference.norm())
+    print(f"[testbed] w 0.05 moves the samples by {moved:.1e} (relative) from plain averaging; w 0 by "
+          f"{float((zero - reference).norm() / reference.norm()):.1e}")
+    assert moved > 1e-6
 
 
 def test_fast_mode_keeps_the_exact_modes_improvement_in_the_test_bed():
