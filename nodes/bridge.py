@@ -41,8 +41,8 @@ import comfy.utils
 import folder_paths
 import latent_preview
 
-from ..sampling import MergeRule, PlanError, gather, scatter_add, scatter_set
-from ..sampling.conditional import autoregressive_order
+from ..sampling import MergeRule, PlanError, gather, rect_region, scatter_set
+from ..sampling.conditional import autoregressive_order, collage_reconstruction
 from ..sampling.perceptual import build_lpips, find_backbone, hub_checkpoints
 from ..sampling.steps import StepPatternError, first_evaluations
 from ..sampling.sync import (SyncSchedule, factor_indices, fold_update, identity_through, lpips_input, shrinkage,
@@ -865,38 +865,20 @@ def _loss_path(run, model, x_in):
 
 def reconstruction_correction(run, model, conds, x_in, timestep, model_options):
     """DiffCollage's Reconstruction: (w / 2) grad_x ||H x0(x) - y||^2, x0 the merged collage prediction
-    through the guider's math (replayed on the outputs this evaluation merged), one region batch's graph
-    at a time: grad = sum_R scatter(J_R^T v_R), v_R the residual's share of region R in the merge."""
+    through the guider's math (replayed on the outputs this evaluation merged), one region batch's graph at a
+    time (sampling/conditional.py's collage_reconstruction)."""
     plan = run.ctx.plan
-    focused = run.ctx.config.focus is not None  # the latent is the one region itself
-
-    def view(t, i):
-        return t if focused else gather(t, plan.regions[i])
-
+    if run.ctx.config.focus is not None:  # the latent is the one region itself: its geometry is the latent's
+        plan = replace(plan, canvas=tuple(x_in.shape[-2:]), regions=(rect_region(0, 0, *x_in.shape[-2:]),))
     known, mask = (t.to(x_in.device, x_in.dtype) for t in run.known)
     x0 = run.ctx.guider(x_in, timestep, model_options=model_options, seed=run.ctx.seed)
-    residual = 2 * mask * (x0 - known)
-    if not focused:
-        weights, norm = run.ctx.merge.weights(residual)
-        residual = residual / norm
-    touching = [i for i, c in enumerate(plan.coefficients) if c != 0 and bool(view(mask, i).any())]
-    parts = []
+    touching = [i for i, c in enumerate(plan.coefficients) if c != 0 and bool(gather(mask, plan.regions[i]).any())]
     with differentiable([model.diffusion_model] + _control_modules(conds)):
         options = _gradient_options(model_options)
-        for batch in _batches(plan, touching, run.gradient_batch_size(model, conds, x_in)):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            x = torch.cat([view(x_in, i) for i in batch]).clone().requires_grad_(True)
-            v = torch.cat([view(residual, i) * (1.0 if focused else weights[i]) for i in batch])
-            out = guided_x0(run, batch, x, timestep, options)
-            (g,) = torch.autograd.grad(out, x, grad_outputs=v.to(out))
-            parts += zip(batch, g.detach().chunk(len(batch)))
-    grad = torch.zeros_like(x_in)  # back in ComfyUI's inference mode: accumulate there
-    for i, part in parts:
-        if focused:
-            grad += part.to(grad)
-        else:
-            scatter_add(grad, plan.regions[i], part.to(grad))
-    return (run.ctx.config.reconstruction / 2) * grad
+        # a clone of the latent: what autograd runs on must not be an inference tensor
+        return collage_reconstruction(
+            plan, x_in.clone(), lambda batch, x: guided_x0(run, batch, x, timestep, options), x0, known, mask,
+            run.ctx.config.reconstruction, _batches(plan, touching, run.gradient_batch_size(model, conds, x_in)))
 
 
 def _control_modules(conds):

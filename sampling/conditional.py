@@ -43,28 +43,32 @@ def reconstruction_correction(x: torch.Tensor, denoise, known: torch.Tensor, mas
 
 
 def collage_reconstruction(plan: RegionPlan, x: torch.Tensor, denoise_region, x0: torch.Tensor, known: torch.Tensor,
-                           mask: torch.Tensor, weight: float) -> torch.Tensor:
+                           mask: torch.Tensor, weight: float, batches: list[tuple[int, ...]] | None = None) -> torch.Tensor:
     """DiffCollage's Reconstruction on the whole collage: (w / 2) grad_x ||mask * (x0(x) - known)||^2, the
     canvas tensor to subtract from the merged prediction x0 (D_eff = x0 - this).
 
     x: the canvas latent (B, C, H, W) the step denoises; x0: the plan's merged prediction at x (no grad
     needed); known, mask: canvas-shaped or broadcastable (mask 1 on known cells; soft masks weigh the error
-    by mask^2, as ||H (x0 - y)||^2 with H = diag(mask)); denoise_region(i, x_region): region i's prediction
-    at its gathered latent, differentiable in x_region (called with a fresh leaf tensor that requires grad,
-    so run this outside inference mode). Regions whose merge weight is zero on every cell with an error (no
-    known cell, or coefficient 0) are not called."""
+    by mask^2, as ||H (x0 - y)||^2 with H = diag(mask)); denoise_region(batch, x_batch): the predictions of the
+    regions in `batch` at their gathered latents stacked along dim 0, differentiable in x_batch (called with
+    a fresh leaf tensor that requires grad, so run this outside inference mode). `batches`: the regions that
+    may share one graph (equal sizes; default one region each). Regions whose merge weight is zero on every
+    cell with an error (no known cell, or coefficient 0) are not called."""
     weights = region_weights(plan, x.dtype, x.device)
     error = 2 * mask * mask * (x0 - known) / normalizer(plan, weights)  # d||H (x0 - y)||^2 / dx0, over N
     gradient = torch.zeros_like(x)
-    for i, (region, w) in enumerate(zip(plan.regions, weights)):
-        v = gather(error, region) * w
-        if not bool(v.any()):
+    for batch in batches or [(i,) for i in range(len(plan.regions))]:
+        vs = {i: gather(error, plan.regions[i]) * weights[i] for i in batch}
+        batch = tuple(i for i in batch if bool(vs[i].any()))
+        if not batch:
             continue
-        x_region = gather(x, region).detach().clone().requires_grad_(True)
+        x_batch = torch.cat([gather(x, plan.regions[i]) for i in batch]).detach().clone().requires_grad_(True)
         with torch.enable_grad():
-            out = denoise_region(i, x_region)
-        (vjp,) = torch.autograd.grad(out, x_region, grad_outputs=v.expand_as(out).to(out.dtype))
-        scatter_add(gradient, region, vjp.detach().to(gradient.dtype))
+            out = denoise_region(batch, x_batch)
+        v = torch.cat([vs[i].expand(x.shape[0], *vs[i].shape[1:]) for i in batch])
+        (vjp,) = torch.autograd.grad(out, x_batch, grad_outputs=v.to(out.dtype))
+        for i, part in zip(batch, vjp.detach().chunk(len(batch))):
+            scatter_add(gradient, plan.regions[i], part.to(gradient.dtype))
     return (weight / 2) * gradient
 
 

@@ -135,7 +135,7 @@ def sample_conditional(world: GlobalStyleWorld, plan: RegionPlan, known: torch.T
         predicted = merge(plan, predictions)
         if method == "collage_reconstruction":  # the gradient of the merged x0's error
             with torch.enable_grad():
-                predicted = predicted - collage_reconstruction(plan, x, lambda i, v: denoise(i, v, sigma), predicted,
+                predicted = predicted - collage_reconstruction(plan, x, lambda b, v: denoise(b[0], v, sigma), predicted,
                                                                y, m, weight)
         if method == "replacement":
             predicted = predicted * (1 - m) + y * m

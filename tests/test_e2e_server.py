@@ -316,6 +316,8 @@ def _collage_prompt(server, workflow_path):
     for node in prompt.values():
         assert node["class_type"] in server.object_info
     by_type = {v: k for k, v in types.items()}
+    if "AnchorSync" not in by_type:
+        assert "sync" not in prompt[by_type["ControlSyncSampler"]]["inputs"]
     return prompt, types, by_type
 
 
@@ -324,7 +326,7 @@ def _check_collage_graph(prompt, by_type, decoder):
     ckpt, collage, sampler_id = by_type["CheckpointLoaderSimple"], by_type["FactorGraphCollage"], by_type["ControlSyncSampler"]
     sampler = prompt[sampler_id]["inputs"]
     assert sampler["model"] == [ckpt, 0] and sampler["plan"] == [collage, 0] and sampler["latent_image"] == [collage, 2]
-    assert sampler["seed"] == 42 and sampler["steps"] == 25 and sampler["cfg"] == 7.5 and "sync" not in sampler
+    assert sampler["seed"] == 42 and sampler["steps"] == 25 and sampler["cfg"] == 7.5
     assert (sampler["sampler_name"], sampler["scheduler"], sampler["denoise"]) == ("euler", "normal", 1.0)
     positive, negative = (prompt[sampler[k][0]] for k in ("positive", "negative"))
     if positive["class_type"] == "ControlNetApplyAdvanced":  # the cubemap's prompts go through Apply ControlNet
@@ -363,13 +365,19 @@ def test_collage_chain_workflow_converts(server, capsys):
 
 
 def test_collage_loop_workflow_converts(server, capsys):
-    """collage_loop360.json: a 2048x512 cycle of 8 factors, decoded by Loop VAE Decode."""
+    """collage_loop360.json: a 2048x512 cycle of 8 factors synchronised by Anchor Sync (the checkpoint's VAE ->
+    Anchor Sync -> the sampler's sync), decoded by Loop VAE Decode."""
     announce(capsys, server, "collage loop conversion")
     prompt, types, by_type = _collage_prompt(server, LOOP_WORKFLOW)
     assert sorted(types.values()) == sorted([
         "CheckpointLoaderSimple", "CLIPTextEncode", "CLIPTextEncode", "FactorGraphCollage", "ControlSyncSampler",
-        "ControlSyncLoopDecode", "SaveImage"])
+        "AnchorSync", "ControlSyncLoopDecode", "SaveImage"])
     collage, decode = _check_collage_graph(prompt, by_type, "ControlSyncLoopDecode")
+    assert prompt[by_type["ControlSyncSampler"]]["inputs"]["sync"] == [by_type["AnchorSync"], 0]
+    assert prompt[by_type["AnchorSync"]]["inputs"] == {"vae": [by_type["CheckpointLoaderSimple"], 2], "weight": 20.0,
+                                                      "decay": 0.95, "sync_steps": 10, "lpips_net": "vgg",
+                                                      "gradient": "exact", "loss_resolution": "half",
+                                                      "loss_decoder": "vae"}
     assert [collage[k] for k in ("graph", "width", "height", "window_width", "window_height", "overlap", "direction",
                                  "anchor_index", "prompt_mode")] == \
         ["cycle", 2048, 512, 512, 512, 256, "horizontal", 0, "one for all"]
@@ -569,17 +577,25 @@ def seam_score(pixels) -> float:
 @pytest.mark.parametrize("which", ["chain", "loop"])
 def test_collage_run(server, tmp_path, capsys, which):
     """The two collage workflows, small (COLLAGE_SMALL_RUN: 384x128, 128 px factors overlapping by 64, 2 steps;
-    the chain with 5 prompt lines for its 5 factors). The loop's saved image has to wrap: its seam score stays
-    near the interior's column-to-column change. Main host only (CPU time)."""
+    the chain with 5 prompt lines for its 5 factors; the loop's Anchor Sync with LPIPS-alex on the first of the 2
+    steps). The loop's saved image has to wrap: its seam score stays near the interior's column-to-column change;
+    Anchor Sync has to change the picture against the same run at weight 0. Main host only (CPU time)."""
     from PIL import Image
 
     if server.kind != "main":
         pytest.skip("the collage runs are checked on the main host only (CPU time)")
     announce(capsys, server, f"collage {which} run")
     workflow, prefix = {"chain": (CHAIN_WORKFLOW, "ControlSync_chain"), "loop": (LOOP_WORKFLOW, "ControlSync_loop")}[which]
-    extra = ["--set", "FactorGraphCollage.prompts=" + "\n".join(SMALL_CHAIN_PROMPTS)] if which == "chain" else []
+    extra = ["--set", "FactorGraphCollage.prompts=" + "\n".join(SMALL_CHAIN_PROMPTS)] if which == "chain" else \
+        ["--set", "AnchorSync.lpips_net=alex", "--set", "AnchorSync.sync_steps=25"]
     proc, path, image, pixels, elapsed = checked_run(server, tmp_path, prefix, "--previews", *COLLAGE_SMALL_RUN,
                                                      *extra, workflow=workflow)
+    if which == "loop":  # the same run without sync: Anchor Sync must have changed the picture
+        _, _, _, unsynced, _ = checked_run(server, tmp_path / "w0", prefix, *COLLAGE_SMALL_RUN, *extra,
+                                           "--set", "AnchorSync.weight=0", workflow=workflow)
+        changed = float(abs(pixels - unsynced).mean())
+        assert changed > 0.5, f"Anchor Sync barely changed the loop: mean |difference| {changed:.3f}/255"
+        assert "AnchorSync: non-finite" not in server.log_tail(400), server.log_tail(400)
     meta = json.loads(image.info["prompt"])
     collage = next(n for n in meta.values() if n["class_type"] == "FactorGraphCollage")["inputs"]
     assert (collage["width"], collage["height"], collage["window_width"], collage["overlap"]) == (384, 128, 128, 64)
@@ -590,7 +606,9 @@ def test_collage_run(server, tmp_path, capsys, which):
     factors = 5 if which == "chain" else 6
     with capsys.disabled():
         print(f"[e2e] {server.describe()}: collage {which} {CANVAS_W}x{CANVAS_H}, {factors} factors, 2 steps in "
-              f"{elapsed:.1f}s; seam score (wrap / interior column difference) {seam:.2f} -> {path}")
+              f"{elapsed:.1f}s" + (f" (Anchor Sync on the first; mean |difference| to weight 0 {changed:.2f}/255)"
+                                   if which == "loop" else "") + f"; seam score (wrap / interior column difference) "
+              f"{seam:.2f} -> {path}")
     if which == "loop":
         # Measured on this run's settings with seeds 42, 1, 2, 3 (random-weight e2e model): 0.81-1.02 with Loop VAE
         # Decode; the same latents through a plain VAEDecode score 2.77-3.53 (the decoder treats the ends as borders).
