@@ -53,9 +53,9 @@ WRAPPER_KEY = "controlsync.windows"
 _CONTROL_RUN_STATE = ("timestep_range", "model_sampling_current", "control_model", "manual_cast_dtype")
 # activations kept for backward, against ComfyUI's inference estimate of one window's model call
 _GRADIENT_MEMORY_FACTOR = 3.0
-# decoder + LPIPS-VGG forward and backward, bytes per decoded pixel at 4 bytes per value
-# (measured: tests/benchmark_sync.py --measure-loss-memory)
-_LOSS_BYTES_PER_PIXEL = 12_000
+# an SD-sized decoder + LPIPS-VGG, forward and backward in float32, bytes per decoded pixel (measured on the
+# CPU, 2026-12-01: tests/benchmark_sync.py --measure-loss-memory gives 28149; half-precision decoders need less)
+_LOSS_BYTES_PER_PIXEL = 28_000
 
 _run_state: contextvars.ContextVar["_RunState | None"] = contextvars.ContextVar("controlsync_run", default=None)
 _focus: contextvars.ContextVar["_Focus | None"] = contextvars.ContextVar("controlsync_focus", default=None)

@@ -32,6 +32,7 @@ def plans(s):
         "chain": ((64, 192), FactorGraphCollage.execute("chain", 192, 64, 64, 64, 32, "horizontal", 1).args[0]),
         "cycle": ((64, 192), FactorGraphCollage.execute("cycle", 192, 64, 64, 64, 32, "horizontal", 0).args[0]),
         "grid": ((128, 128), FactorGraphCollage.execute("grid", 128, 128, 64, 64, 32, "horizontal", 0).args[0]),
+        "corner_grid": ((128, 128), FactorGraphCollage.execute("corner_grid", 128, 128, 64, 64, 32, "horizontal", 0).args[0]),
         "cubemap": ((32, 192), FactorGraphCollage.execute("cubemap", 32, 32, 32, 32, 16, "horizontal", 0).args[0]),
     }
 
@@ -155,7 +156,7 @@ def _layout(s, world, plan, canvas_px):
 HAND_WEIGHTS = [WEIGHT, WEIGHT * 0.95 ** 25]
 
 
-@pytest.mark.parametrize("kind", ["windows", "chain", "cycle", "grid", "cubemap"])
+@pytest.mark.parametrize("kind", ["windows", "chain", "cycle", "grid", "corner_grid", "cubemap"])
 @pytest.mark.parametrize("fast", [False, True], ids=["exact", "fast"])
 def test_sync_on_every_plan_equals_the_papers_algorithm(s, kind, fast):
     canvas_px, plan = plans(s)[kind]
@@ -181,14 +182,14 @@ def test_batched_gradient_passes_equal_one_at_a_time(s, kind, gradient):
     within float rounding."""
     canvas_px, plan = plans(s)[kind]
     world, image = world_for(s, torch.float32, True, canvas_px)
-    settings = sync_settings(s, world, gradient=gradient)
+    settings = sync_settings(s, world, weight=200.0, gradient=gradient)
     one = pack_run(s, world, plan, canvas_px, settings, batch=1)
     three = pack_run(s, world, plan, canvas_px, settings, batch=3)
     unsynced = pack_run(s, world, plan, canvas_px, None, batch=1)
     error = (one - three).abs().max().item()
     print(f"[sync plans] {kind} {gradient}: batch 3 vs 1 max deviation {error:.2e} (values up to "
           f"{one.abs().max().item():.0f}; sync moved {(one - unsynced).abs().max().item():.3f})")
-    assert error < 1e-5 * one.abs().max().item() and (one - unsynced).abs().max().item() > 1e3 * max(error, 1e-9)
+    assert error < 1e-5 * one.abs().max().item() and (one - unsynced).abs().max().item() > 20 * max(error, 1e-9)
 
 
 @pytest.mark.parametrize("kind", ["windows", "chain", "cycle", "grid", "cubemap"])
@@ -213,7 +214,7 @@ def test_automatic_batch_size_follows_comfys_memory_estimate(s):
     for windows in (1, 3, 7):
         free = windows * 1.5 * per_window + 1.0
         assert bridge.auto_window_batch(world["model"].model, layout, conds, (1, 4, 8, 24), free) == windows
-        gradient = per_window * 3 + 12_000 * 1 * 64 * 64
+        gradient = per_window * 3 + 28_000 * 1 * 64 * 64
         free = windows * 1.5 * gradient + 1.0
         assert bridge.auto_window_batch(world["model"].model, layout, conds, (1, 4, 8, 24), free, gradient=True) == windows
     assert bridge.auto_window_batch(world["model"].model, layout, conds, (1, 4, 8, 24), 0.0) == 1
