@@ -20,8 +20,10 @@ from dataclasses import dataclass, replace
 import torch
 
 import comfy.conds
+import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
+import comfy.model_sampling
 import comfy.patcher_extension
 import comfy.sample
 import comfy.sampler_helpers
@@ -32,6 +34,7 @@ import latent_preview
 
 from ..sampling import Merger, PlanError, gather, scatter_set
 from ..sampling.conditional import autoregressive_order, reconstruction_correction
+from ..sampling.conditioning import region_origin, window_size_conditioning
 from ..sampling.perceptual import build_lpips, find_backbone, hub_checkpoints
 from ..sampling.sync import SyncSchedule, fold_update, lpips_input, step_index, sync_deltas, window_sync_gradient
 
@@ -78,9 +81,26 @@ def latent_geometry(model) -> tuple[int, int]:
     return int(factor), int(patch) if isinstance(patch, int) and patch > 0 else 1
 
 
+def parameterisation(model) -> str:
+    """The space the model samples in, read from its model_sampling (after any ModelSampling* node's patch):
+    "ve" (eps, v-prediction, x0, EDM: x = x0 + sigma eps) or "flow" (CONST: x = (1 - sigma) x0 + sigma eps);
+    see sampling/sync.py. A ModelPatcher or a BaseModel."""
+    sampling = model.get_model_object("model_sampling") if hasattr(model, "get_model_object") else model.model_sampling
+    kinds = ((comfy.model_sampling.CONST, "flow"), (comfy.model_sampling.EPS, "ve"))
+    for cls, name in kinds:
+        # the sampler's space is set by noise_scaling: a subclass that redefines it is another space
+        if isinstance(sampling, cls) and type(sampling).noise_scaling is cls.noise_scaling:
+            return name
+    names = [c.__name__ for c in type(sampling).__mro__ if c.__module__ == comfy.model_sampling.__name__] or [type(sampling).__name__]
+    raise ValueError(f"sync: AnchorSync steps in the model's own parameterisation and knows eps / v-prediction "
+                     f"(x = x0 + sigma eps) and flow matching (CONST: x = (1 - sigma) x0 + sigma eps); this MODEL "
+                     f"samples with {' + '.join(names)}. Sample it without AnchorSync (leave sync empty).")
+
+
 def layout_for(plan, model, latent_shape):
     """The plan laid out on a latent of `latent_shape` for this model (a ModelPatcher or BaseModel)."""
-    if len(latent_shape) != 4:
+    # 2-D images; models with video latents (Qwen-Image: Wan's VAE) take an image as one frame (B, C, 1, H, W)
+    if not (len(latent_shape) == 4 or (len(latent_shape) == 5 and latent_shape[2] == 1)):
         raise ValueError(f"latent_image: ControlSync plans are 2-D images; got a latent of shape {tuple(latent_shape)} "
                          f"({len(latent_shape) - 2} spatial dims)")
     factor, multiple = latent_geometry(model)
@@ -103,6 +123,8 @@ def refuse_unsupported(model_options: dict) -> None:
 def windowed_model(model, plan, window_batch: int = 0, sync: SyncSettings | None = None, focus=None):
     """A clone of `model` whose sampling runs the plan's windows; `model` itself is untouched."""
     refuse_unsupported(model.model_options)
+    if sync is not None:
+        parameterisation(model)  # refuse an unknown parameterisation before sampling starts
     if model.get_wrappers(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY):
         raise ValueError("model: this MODEL already carries a ControlSync window plan (from ControlSync Windowed "
                          "Model); connect the original MODEL instead of windowing it twice.")
@@ -229,6 +251,21 @@ def _calc_cond_batch(config, executor, model, conds, x_in, timestep, model_optio
             run.close()
 
 
+# models whose adm vector carries SDXL's size conditioning (original size, crop, target size)
+SIZE_CONDITIONED = (comfy.model_base.SDXL, comfy.model_base.SDXLRefiner)
+
+
+def window_adm(model, cond: dict, y, regions, canvas, batch: int):
+    """The `y` model cond for each region, computed by the model's own encode_adm with the region's size
+    conditioning (sampling/conditioning.py: window_size_conditioning), stacked like the latents."""
+    px = latent_geometry(model)[0]
+    parts = []
+    for region in regions:
+        sizes = window_size_conditioning(cond, region_origin(region), region.size, canvas, px)
+        parts.append(comfy.utils.repeat_to_batch_size(model.encode_adm(**{**cond, **sizes}), batch))
+    return y._copy_with(torch.cat(parts).to(y.cond.device, y.cond.dtype))
+
+
 def stack_regions(canvas: torch.Tensor, regions, batch: int) -> torch.Tensor:
     """The regions of `canvas` stacked window-major along dim 0, each broadcast to `batch`."""
     parts = [gather(canvas, r) for r in regions]
@@ -249,6 +286,7 @@ class _Run:
         self.controls = {}        # (id(control), windows) -> (control, chain copy)
 
     def layout(self, model, x_in):
+        self.model = model  # the BaseModel: per-window model conds are computed with it
         focus = self.config.focus
         if focus is not None:  # the latent is one region of a larger canvas: conds are cropped from that canvas
             if self.plan is None:
@@ -306,6 +344,8 @@ class _Run:
             w["mask"] = stack_regions(self._canvas_sized(d["mask"], "mask"), regions, B)
         if d.get("model_conds"):
             w["model_conds"] = {k: self._window_model_cond(v, regions, B) for k, v in d["model_conds"].items()}
+            if "y" in w["model_conds"] and isinstance(self.model, SIZE_CONDITIONED) and "unclip_conditioning" not in d:
+                w["model_conds"]["y"] = window_adm(self.model, d, w["model_conds"]["y"], regions, self.plan.canvas, B)
             if positive and self.plan.prompts and "area" not in d and d.get("mask") is None:
                 w["model_conds"]["c_crossattn"] = self._region_prompt(d["model_conds"].get("c_crossattn"), batch, B)
         if d.get("control") is not None:
@@ -451,7 +491,8 @@ class _Run:
                 if sync.loss_decoder == "taesd":  # TAESD reads the model-space latent, as in ComfyUI's previews
                     return taesd.decode(x0.float()).to(loss_dtype)
                 z = model.latent_format.process_out(x0).to(vae.device, vae.vae_dtype)
-                return vae.first_stage_model.decode(z).to(loss_dtype)
+                image = vae.first_stage_model.decode(z)
+                return (image[:, :, 0] if image.ndim == 5 else image).to(loss_dtype)  # video VAEs: the one frame
 
             def loss(image, anchor_image):
                 return loss_net(image.to(anchor_image.device), anchor_image, normalize=False)
@@ -465,7 +506,7 @@ class _Run:
                 return window_sync_gradient(x, functools.partial(denoise, i), decode, loss, anchor_image,
                                             through_model=sync.through_model)
 
-            deltas, skipped = sync_deltas(latents, plan.anchor, weight, sigma, gradient)
+            deltas, skipped = sync_deltas(latents, plan.anchor, weight, sigma, gradient, parameterisation(model))
         if skipped:
             logging.warning(f"ControlSync AnchorSync: non-finite sync loss or gradient at sigma {sigma:.4g} for "
                             f"window(s) {skipped}; they skip this sync step")
@@ -516,10 +557,22 @@ def autograd_through(modules):
                                 copy = t.clone()
                                 store[name] = torch.nn.Parameter(copy, requires_grad=False) if isinstance(t, torch.nn.Parameter) else copy
                                 swapped.append((store, name, t))
-            yield
+            with torch.autograd.graph.saved_tensors_hooks(_saved_copy, _saved_value):
+                yield
         finally:
             for store, name, t in reversed(swapped):
                 store[name] = t
+
+
+def _saved_copy(t):
+    """Model code written for inference adds in place to activations that autograd saved for backward (Flux's
+    single-stream blocks, the ControlNet residuals of Flux, SD3 and Qwen-Image): a copy of each saved activation
+    keeps the value the backward pass needs. Weights and constants (no grad) are never modified: kept as is."""
+    return t.clone() if t.requires_grad else t
+
+
+def _saved_value(t):
+    return t
 
 
 _lpips_cache: dict = {}

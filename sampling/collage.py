@@ -7,7 +7,7 @@ from .conditional import METHODS, ORDERS
 from .conditioning import VARIABLE_PROMPTS, region_prompts
 from .cubemap import cubemap_plan, with_face_prompts
 from .factor_graphs import chain_factors, cycle_factors, factor_region_plan, grid_factors
-from .plans import PlanError, RegionPlan, _cells
+from .plans import PlanError, RegionPlan, _cells, check_patch_grid
 
 GRAPHS = ("chain", "cycle", "grid", "cubemap")
 
@@ -71,8 +71,9 @@ class FactorGraphPlan:
             raise PlanError(
                 f"the latent is {W * factor}x{H * factor} px but the factor graph was made for a "
                 f"{self.canvas_px[1]}x{self.canvas_px[0]} px canvas: give FactorGraphCollage the same size")
+        check_patch_grid((H, W), factor, multiple)
         window = tuple(_cells(v, factor, multiple, n) for v, n in zip(self.window_px, ("window_height", "window_width")))
-        overlap = _cells(self.overlap_px, factor, 1, "overlap") if self.overlap_px else 0
+        overlap = _cells(self.overlap_px, factor, multiple, "overlap") if self.overlap_px else 0
         if self.graph == "cubemap":
             return self._cubemap_layout(H, window[1], overlap)
         if self.graph == "chain":

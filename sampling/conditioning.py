@@ -50,3 +50,27 @@ def region_prompts(factor_prompts: list[torch.Tensor], factors_of: tuple[tuple[i
         else:
             out.append(torch.stack([factor_prompts[i] for i in sources]).mean(0))
     return tuple(out)
+
+
+def region_origin(region) -> tuple[int, int]:
+    """The canvas cell (y, x) at a region's top-left; (0, 0) for regions made of turned pieces (windows
+    across cube edges), which are images of their own with no offset in the canvas."""
+    first = region.pieces[0]
+    if any(p.turns % 4 for p in region.pieces) or first.dst != (0, 0):
+        return 0, 0
+    return first.src
+
+
+def window_size_conditioning(given: dict, origin: tuple[int, int], size: tuple[int, int], canvas: tuple[int, int],
+                             px: int) -> dict:
+    """SDXL's size conditioning (original size, crop offset, target size, in pixels) for one window of a canvas.
+
+    SDXL was trained on crops: a target-size crop taken at (crop_h, crop_w) from an image of the original size.
+    A window is exactly that: a window-size crop of the canvas at the window's offset. So each window sees the
+    canvas as the original size (or the width/height the prompt sets), its own offset as the crop (added to the
+    prompt's crop) and its own size as the target (unless the prompt sets one). A window covering the whole
+    canvas gets ComfyUI's own defaults: the canvas size, no crop, the canvas as target."""
+    (y, x), (h, w), (H, W) = origin, size, canvas
+    return {"width": given.get("width", W * px), "height": given.get("height", H * px),
+            "crop_w": given.get("crop_w", 0) + x * px, "crop_h": given.get("crop_h", 0) + y * px,
+            "target_width": given.get("target_width", w * px), "target_height": given.get("target_height", h * px)}

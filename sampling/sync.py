@@ -4,15 +4,26 @@ Per synced step, every non-anchor window i moves by one gradient step
     x_i <- x_i - w_t * grad_{x_i} LPIPS(D(x0_i(x_i)), stopgrad(D(x0_anchor)))
 before it is denoised; the anchor is decoded once and not moved.
 
-ComfyUI samples in variance-exploding space, x = x0 + sigma * eps, while the papers step in the
-variance-preserving latent z = x / sqrt(1 + sigma^2) (z = sqrt(a) x0 + sqrt(1 - a) eps with
-sigma^2 = (1 - a) / a). Since grad_z L = sqrt(1 + sigma^2) grad_x L, the paper's step
-z <- z - w grad_z L is x <- x - w (1 + sigma^2) grad_x L in ComfyUI's space.
+The step in each model's own parameterisation. ComfyUI samples x = alpha x0 + sigma eps, with
+    "ve"   (eps, v-prediction, x0 and EDM models): alpha = 1,         x = x0 + sigma eps
+    "flow" (CONST: SD3, Flux, Qwen-Image, ...):    alpha = 1 - sigma, x = (1 - sigma) x0 + sigma eps
+while the papers step in the variance-preserving latent z = alpha_vp x0 + sigma_vp eps with
+alpha_vp^2 + sigma_vp^2 = 1. Dividing by the norm c = sqrt(alpha^2 + sigma^2) maps one onto the
+other: z = x / c (for "ve" this is the DDPM latent, sigma^2 = (1 - a) / a). Since x = c z,
+grad_z L = c grad_x L, and the paper's step z <- z - w grad_z L is, multiplied by c,
+    x <- x - w c^2 grad_x L,   c^2 = alpha^2 + sigma^2:   1 + sigma^2 ("ve"), (1 - sigma)^2 + sigma^2 ("flow"),
+so a weight of 20 means the paper's 20 in every family (`step_scale`). sigma is the sampler's own
+sigma (after any shift of the schedule, as SD3 and Flux use): the map is pointwise in sigma.
 
-A first-order deterministic step from x with denoised D (Euler in VE space, i.e. DDIM with eta 0)
-is x_next = r x + (1 - r) D with r = sigma_next / sigma. Stepping each window from its moved latent
-x - delta_i and averaging equals one step from x with D_eff = mean D(x - delta_i) - r / (1 - r) * mean delta_i,
-so the update folds into the denoised output the sampler sees: exact for euler and ddim.
+The fold into the denoised output. ComfyUI's first-order deterministic step from x with denoised D is
+    x_next = x + (sigma_next - sigma) (x - D) / sigma = r x + (1 - r) D,   r = sigma_next / sigma,
+for every parameterisation (k-diffusion `euler`; ComfyUI's `ddim` is that same Euler step). For "ve"
+it is DDIM with eta 0; for "flow" (x - D) / sigma = eps - x0 is the flow's velocity, so it is the
+flow's Euler step - the same formula, whatever the schedule's shift (the shift only moves the sigmas).
+Stepping each window from its moved latent x - delta_i and averaging equals one step from x with
+D_eff = mean D(x - delta_i) - r / (1 - r) * mean delta_i, so the update folds into the denoised output
+the sampler sees: exact for euler and ddim in both parameterisations, approximate for multistep,
+ancestral and SDE samplers.
 """
 from __future__ import annotations
 
@@ -53,9 +64,17 @@ def step_index(sigma: float, schedule: torch.Tensor) -> int | None:
     return int(close[0])
 
 
-def ve_step_scale(sigma: float) -> float:
-    """(1 + sigma^2): the paper's VP-space step size in ComfyUI's VE space (see module doc)."""
-    return 1.0 + float(sigma) ** 2
+PARAMETERISATIONS = ("ve", "flow")
+
+
+def step_scale(parameterisation: str, sigma: float) -> float:
+    """alpha^2 + sigma^2: the paper's variance-preserving step size in the sampler's space (see module doc)."""
+    sigma = float(sigma)
+    if parameterisation == "ve":
+        return 1.0 + sigma ** 2
+    if parameterisation == "flow":
+        return (1.0 - sigma) ** 2 + sigma ** 2
+    raise ValueError(f"unknown parameterisation {parameterisation!r}; known: {', '.join(PARAMETERISATIONS)}")
 
 
 def lpips_input(decoded: torch.Tensor) -> torch.Tensor:
@@ -84,11 +103,11 @@ def window_sync_gradient(x: torch.Tensor, denoise: Callable, decode: Callable, l
 
 
 def sync_deltas(window_latents: list[torch.Tensor], anchor: int, weight: float, sigma: float,
-                gradient: Callable[[int, torch.Tensor], tuple]) -> tuple[list[torch.Tensor], list[int]]:
-    """delta_i = w_t (1 + sigma^2) grad_i for every window (zero for the anchor), computed one
-    window at a time so only one gradient graph is alive. A window whose loss or gradient is not
-    finite gets no update; its index is returned so the caller can warn."""
-    scale = weight * ve_step_scale(sigma)
+                gradient: Callable[[int, torch.Tensor], tuple], parameterisation: str) -> tuple[list[torch.Tensor], list[int]]:
+    """delta_i = w_t step_scale(parameterisation, sigma) grad_i for every window (zero for the anchor),
+    computed one window at a time so only one gradient graph is alive. A window whose loss or gradient
+    is not finite gets no update; its index is returned so the caller can warn."""
+    scale = weight * step_scale(parameterisation, sigma)
     deltas, skipped = [], []
     for i, x in enumerate(window_latents):
         if i == anchor or weight == 0.0:

@@ -82,7 +82,7 @@ def sample(world: GlobalStyleWorld, plan: RegionPlan, n: int, steps: int = 60, s
             def gradient(i, xw, sigma=sigma, anchor_image=anchor_image):
                 return window_sync_gradient(xw, lambda v: denoise(i, v, sigma), lambda x0: x0, style_loss, anchor_image)
             with torch.enable_grad():
-                deltas, _ = sync_deltas(windows, plan.anchor, weight, sigma, gradient)
+                deltas, _ = sync_deltas(windows, plan.anchor, weight, sigma, gradient, "ve")
             windows = [w - d for w, d in zip(windows, deltas)]
         predicted = merge(plan, [denoise(i, w, sigma) for i, w in enumerate(windows)])
         if deltas is not None:
