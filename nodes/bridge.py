@@ -10,6 +10,7 @@ an OUTER_SAMPLE wrapper.
 from __future__ import annotations
 
 import contextlib
+import copy
 import contextvars
 import functools
 import logging
@@ -34,7 +35,7 @@ import latent_preview
 
 from ..sampling import Merger, PlanError, gather, scatter_set
 from ..sampling.conditional import autoregressive_order, reconstruction_correction
-from ..sampling.conditioning import region_origin, window_size_conditioning
+from ..sampling.conditioning import crop_origins, window_size_conditioning
 from ..sampling.perceptual import build_lpips, find_backbone, hub_checkpoints
 from ..sampling.sync import SyncSchedule, fold_update, lpips_input, step_index, sync_deltas, window_sync_gradient
 
@@ -255,13 +256,13 @@ def _calc_cond_batch(config, executor, model, conds, x_in, timestep, model_optio
 SIZE_CONDITIONED = (comfy.model_base.SDXL, comfy.model_base.SDXLRefiner)
 
 
-def window_adm(model, cond: dict, y, regions, canvas, batch: int):
-    """The `y` model cond for each region, computed by the model's own encode_adm with the region's size
-    conditioning (sampling/conditioning.py: window_size_conditioning), stacked like the latents."""
-    px = latent_geometry(model)[0]
+def window_adm(model, cond: dict, y, plan, indices, batch: int):
+    """The `y` model cond of the regions `indices`, computed by the model's own encode_adm with each region's
+    size conditioning (sampling/conditioning.py: window_size_conditioning), stacked like the latents."""
+    px, origins = latent_geometry(model)[0], crop_origins(plan)
     parts = []
-    for region in regions:
-        sizes = window_size_conditioning(cond, region_origin(region), region.size, canvas, px)
+    for i in indices:
+        sizes = window_size_conditioning(cond, origins[i], plan.regions[i].size, plan.canvas, px)
         parts.append(comfy.utils.repeat_to_batch_size(model.encode_adm(**{**cond, **sizes}), batch))
     return y._copy_with(torch.cat(parts).to(y.cond.device, y.cond.dtype))
 
@@ -345,7 +346,7 @@ class _Run:
         if d.get("model_conds"):
             w["model_conds"] = {k: self._window_model_cond(v, regions, B) for k, v in d["model_conds"].items()}
             if "y" in w["model_conds"] and isinstance(self.model, SIZE_CONDITIONED) and "unclip_conditioning" not in d:
-                w["model_conds"]["y"] = window_adm(self.model, d, w["model_conds"]["y"], regions, self.plan.canvas, B)
+                w["model_conds"]["y"] = window_adm(self.model, d, w["model_conds"]["y"], self.plan, batch, B)
             if positive and self.plan.prompts and "area" not in d and d.get("mask") is None:
                 w["model_conds"]["c_crossattn"] = self._region_prompt(d["model_conds"].get("c_crossattn"), batch, B)
         if d.get("control") is not None:
@@ -484,13 +485,14 @@ class _Run:
             device, loss_dtype = vae.device, (torch.float64 if vae.vae_dtype == torch.float64 else torch.float32)
         with self.differentiable_denoiser(executor, model, conds, x_in, timestep, model_options, modules) as denoise:
             loss_net = load_lpips(sync.loss_net, device, loss_dtype)
+            latent_format = autograd_copy(model.latent_format)
 
             def decode(x0):
                 if sync.loss_downscale > 1:
                     x0 = torch.nn.functional.avg_pool2d(x0, sync.loss_downscale)
                 if sync.loss_decoder == "taesd":  # TAESD reads the model-space latent, as in ComfyUI's previews
                     return taesd.decode(x0.float()).to(loss_dtype)
-                z = model.latent_format.process_out(x0).to(vae.device, vae.vae_dtype)
+                z = latent_format.process_out(x0).to(vae.device, vae.vae_dtype)
                 image = vae.first_stage_model.decode(z)
                 return (image[:, :, 0] if image.ndim == 5 else image).to(loss_dtype)  # video VAEs: the one frame
 
@@ -562,6 +564,17 @@ def autograd_through(modules):
         finally:
             for store, name, t in reversed(swapped):
                 store[name] = t
+
+
+def autograd_copy(obj):
+    """A shallow copy of `obj` whose tensor attributes made in inference mode are plain tensors autograd can
+    save (Wan's latent format, used by Qwen-Image, keeps its per-channel mean and std as tensors). Call it
+    inside autograd_through."""
+    out = copy.copy(obj)
+    for name, value in vars(obj).items():
+        if torch.is_tensor(value) and value.is_inference():
+            setattr(out, name, value.clone())
+    return out
 
 
 def _saved_copy(t):

@@ -89,13 +89,14 @@ class RegionPlan:
     anchor: int = 0         # the region other regions are synchronised to
     factors_of: tuple[tuple[int, ...], ...] = ()   # per region, the factors containing it (empty: each its own)
     prompts: tuple = ()     # per region, a text embedding replacing the positive prompt's (empty: none)
+    pooled: tuple = ()      # per region, its pooled text embedding (SDXL, SD3, Flux), with `prompts` (empty: none)
 
     def __post_init__(self):
         if len(self.coefficients) != len(self.regions):
             raise PlanError(f"{len(self.regions)} regions but {len(self.coefficients)} coefficients")
         if not 0 <= self.anchor < len(self.regions):
             raise PlanError(f"anchor {self.anchor} is not one of the {len(self.regions)} regions")
-        for name in ("factors_of", "prompts"):
+        for name in ("factors_of", "prompts", "pooled"):
             if getattr(self, name) and len(getattr(self, name)) != len(self.regions):
                 raise PlanError(f"{len(self.regions)} regions but {len(getattr(self, name))} {name}")
 

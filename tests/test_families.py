@@ -479,3 +479,178 @@ def test_synced_run_equals_the_papers_algorithm_in_the_models_parameterisation(f
     ulp = 2 ** -23 * ref.abs().max().item()
     assert error <= ulp
     assert moved > 1000 * ulp  # the comparison is not vacuous
+
+
+class Recorder:
+    """Below the pack's wrapper: the latents each window is evaluated at (gradient passes, then the denoising pass)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, executor, model, conds, x, timestep, *args, **kwargs):
+        self.calls.append((x.detach().clone(), x.requires_grad, float(timestep[0])))
+        return executor(model, conds, x, timestep, *args, **kwargs)
+
+
+@pytest.mark.parametrize("family", SYNC_FAMILIES)
+def test_sync_gradient_matches_finite_differences_in_float64(f, family):
+    """The pack's update of a window, read below its wrapper and divided by w (alpha^2 + sigma^2), against
+    central differences of the loss written out in the test (float64 models, VAE and LPIPS)."""
+    ours, plain = world64(f, family)
+    weight, recorder = 0.5, Recorder()
+    windowed = f.bridge.windowed_model(ours["model"], f.plan, 1, sync_settings(f, ours, weight=weight, decay=1.0))
+    windowed.add_wrapper_with_key(f.pe.WrappersMP.CALC_COND_BATCH, "test.recorder", recorder)
+    with torch.inference_mode():
+        f.nodes.common_ksampler(windowed, 5, 1, ours["cfg"], "euler", "simple", ours["pos"], ours["neg"], ours["latent"])
+    calls = recorder.calls
+    graded = [i for i, c in enumerate(calls) if c[1]]
+    assert not calls[0][1] and len(graded) == len(STARTS) - 1  # anchor without graph, every other window with one
+    moved = [c[0] for c in calls[graded[-1] + 1:graded[-1] + 1 + len(STARTS)]]
+    sigma = torch.tensor(calls[0][2], dtype=torch.float64)
+    ref = Reference(f, plain)
+    with torch.no_grad():
+        anchor_image = ref.image(ref.denoise(calls[0][0], sigma, 0))
+    window = 2
+    x = calls[graded[window - 1]][0]
+    grad_pack = (x - moved[window]) / (weight * paper_step_scale(family, sigma))
+    assert grad_pack.abs().max() > 0
+    xg = x.clone().requires_grad_(True)
+    with torch.enable_grad():
+        (grad_ref,) = torch.autograd.grad(ref.loss(xg, sigma, window, anchor_image), xg)
+    exact = ((grad_pack - grad_ref).abs().max() / grad_ref.abs().max()).item()
+    assert exact < 1e-10  # the same gradient as autograd through the loss written out here
+    # directions: the gradient's own and two random ones, unit length; the error is relative to the gradient's
+    # norm (the largest directional derivative), so directions where the derivative is near 0 stay well-posed
+    g, eps, worst = torch.Generator().manual_seed(0), 1e-3, 0.0
+    norm = grad_pack.norm()
+    for v in [grad_pack / norm] + [torch.randn(x.shape, generator=g, dtype=torch.float64) for _ in range(2)]:
+        v = v / v.norm()
+        with torch.no_grad():
+            fd = (ref.loss(x + eps * v, sigma, window, anchor_image) - ref.loss(x - eps * v, sigma, window, anchor_image)) / (2 * eps)
+        worst = max(worst, abs(float(fd) - float((grad_pack * v).sum())) / float(norm))
+    print(f"[families] sync {family}: the pack's gradient vs autograd of the loss written here: relative {exact:.1e}; "
+          f"vs central differences (eps 1e-3; the gradient's direction and 2 random ones): worst error {worst:.1e} "
+          f"of |grad| (sigma {float(sigma):.4g}, step scale {paper_step_scale(family, sigma):.4g})")
+    # float64 end to end except that ComfyUI's BaseModel hands the network's output back in float32 (`.float()`
+    # in _apply_model): the loss carries float32 rounding, which central differences divide by eps
+    assert worst < 5e-3
+
+
+FAMILIES = ["sdxl", "sdxl_v", "sd35", "flux", "qwen"]
+
+
+def window_lpips_to_anchor(f, w, latent):
+    loss = f.bridge.load_lpips("alex", "cpu")
+    with torch.inference_mode():
+        images = w["vae"].decode(latent)
+        images = images.reshape(-1, *images.shape[-3:]).movedim(-1, 1) * 2 - 1  # video VAEs: (batch, frames, ...)
+        crops = [images[..., s * 8:(s + 8) * 8] for s in STARTS]
+        return [float(loss(c, crops[0])) for c in crops[1:]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_anchor_sync_lowers_the_windows_lpips_to_the_anchor(f, family):
+    w = world(f, family)
+    before = window_lpips_to_anchor(f, w, sample(f, w, steps=6))
+    after = window_lpips_to_anchor(f, w, sample(f, w, sync=sync_settings(f, w, weight=200.0, decay=1.0), steps=6))
+    print(f"[families] {family}: LPIPS to the anchor per window without sync {[round(v, 4) for v in before]}, "
+          f"with AnchorSync {[round(v, 4) for v in after]} (seed 5, w 200)")
+    assert sum(after) < sum(before)
+
+
+class RolledNoise:
+    """Seeded noise rolled along the width (SamplerCustomAdvanced's NOISE interface)."""
+
+    def __init__(self, seed, shift):
+        self.seed, self.shift = seed, shift
+
+    def generate_noise(self, latent):
+        import comfy.sample
+        samples = latent["samples"]
+        return comfy.sample.prepare_noise(samples, self.seed, None).roll(self.shift, dims=-1)
+
+
+@pytest.mark.parametrize("family,control", [("sdxl", "controlnet"), ("sd35", "sd35"), ("flux", "instantx"),
+                                            ("flux", "concat"), ("qwen", "qwen")])
+def test_factor_graph_loop_has_no_seam(f, family, control):
+    """A cycle treats its wrap like any other overlap: rolling the noise and the condition by one factor step
+    rolls the result (so no place, the wrap included, is special). Flux Tools' condition latent is encoded once
+    for the canvas, so it is the latent that is rolled (a rolled image would be encoded with its border elsewhere)."""
+    import node_helpers
+    import comfy_extras.nodes_custom_sampler as cs
+    from comfy_extras.nodes_ip2p import InstructPixToPixConditioning
+    w = world(f, family, control)
+    plan = f.Collage.execute("cycle", 192, 64, 64, 64, 32, "horizontal", 0).args[0]
+    step = 4  # cells: window 8 - overlap 4
+    results = []
+    for shift in (0, step):
+        image = f.image.roll(shift * 8, dims=2)
+        with torch.inference_mode():
+            if control == "concat":
+                pos, neg, _ = InstructPixToPixConditioning.execute(w["pos_text"], w["neg_text"], f.image, w["vae"]).args
+                rolled = pos[0][1]["concat_latent_image"].roll(shift, dims=-1)
+                pos, neg = (node_helpers.conditioning_set_values(c, {"concat_latent_image": rolled}) for c in (pos, neg))
+            else:
+                pos, neg = f.nodes.ControlNetApplyAdvanced().apply_controlnet(w["pos_text"], w["neg_text"], w["control"],
+                                                                              image, 1.0, 0.0, 1.0, vae=w["vae"])
+            model = f.Windowed.execute(w["model"], plan, 1).args[0]
+            guider = cs.CFGGuider().get_guider(model, pos, neg, w["cfg"])[0]
+            sigmas = cs.BasicScheduler().get_sigmas(model, "simple", 3, 1.0)[0]
+            out = cs.SamplerCustomAdvanced().sample(RolledNoise(7, shift), guider, cs.KSamplerSelect().get_sampler("euler")[0],
+                                                    sigmas, w["latent"])[0]["samples"]
+        results.append(out)
+    error = (results[1] - results[0].roll(step, dims=-1)).abs().max().item()
+    print(f"[families] {family}/{control}: loop rolled by one factor step: max deviation from the rolled result {error:.1e}")
+    assert error <= 1e-5 * results[0].abs().max().item()
+
+
+# --- SDXL's size conditioning per window ---------------------------------------------------------
+
+def sdxl_size_vector(pooled, height, width, crop_h, crop_w, target_h, target_w):
+    """SDXL's `y`: the pooled CLIP-G embedding followed by 256-dim Fourier features (cos, then sin, at
+    frequencies 10000^(-k/128)) of original height, width, crop top, left, target height, width."""
+    k = torch.arange(128, dtype=torch.float64)
+    freqs = torch.exp(-math.log(10000.0) * k / 128)
+    feats = []
+    for v in (height, width, crop_h, crop_w, target_h, target_w):
+        args = v * freqs
+        feats.append(torch.cat([torch.cos(args), torch.sin(args)]))
+    return torch.cat([pooled.double().flatten(), torch.cat(feats)])
+
+
+def test_sdxl_windows_are_conditioned_as_crops_of_the_canvas(f):
+    """Hook on the real UNet: each window's `y` says original size = the canvas, crop = the window's offset,
+    target = the window's size (SDXL's training-time meaning of a crop), computed here from SDXL's formula;
+    a loop (no edge to measure from) gives every window crop (0, 0); the prompt's own sizes are kept."""
+    import node_helpers
+    w = world(f, "sdxl")
+    unet = w["model"].model.diffusion_model
+    pooled = w["pos_text"][0][1]["pooled_output"]
+
+    def ys(plan, pos=None):
+        calls = []
+        handle = unet.register_forward_hook(lambda m, a, kw, out: calls.append(kw["y"].clone()), with_kwargs=True)
+        try:
+            sample(f, w, plan=plan, steps=1, batch=1, pos=pos)
+        finally:
+            handle.remove()
+        return [y[-1] for y in calls]  # cond and uncond batch as [uncond, cond]: the positive is last
+
+    for got, start in zip(ys(f.plan), STARTS):
+        assert torch.allclose(got.double(), sdxl_size_vector(pooled, 64, 192, 0, start * 8, 64, 64), atol=1e-4)  # float32 sin/cos in ComfyUI
+    loop = f.Collage.execute("cycle", 192, 64, 64, 64, 32, "horizontal", 0).args[0]
+    layout = f.bridge.layout_for(loop, w["model"], w["latent"]["samples"].shape)
+    sizes = list(dict.fromkeys(r.size for r in layout.regions))  # the sampler batches regions by size
+    called = [r for size in sizes for r in layout.regions if r.size == size]
+    assert any(len(r.pieces) > 1 for r in called)  # some factor crosses the wrap
+    got_loop = ys(loop)
+    assert len(got_loop) == len(called) == 12  # 6 factors, 6 overlaps
+    for got, region in zip(got_loop, called):
+        h, w_ = region.size
+        assert torch.allclose(got.double(), sdxl_size_vector(pooled, 64, 192, 0, 0, h * 8, w_ * 8), atol=1e-4)
+    # CLIPTextEncodeSDXL's sizes (here: a 4096 px original, a crop, a 1024 px target) are the prompt's: kept,
+    # the window's offset added to the crop
+    pos = node_helpers.conditioning_set_values(w["pos"], {"width": 4096, "height": 2048, "crop_w": 16, "crop_h": 8,
+                                                          "target_width": 1024, "target_height": 1024})
+    for got, start in zip(ys(f.plan, pos), STARTS):
+        assert torch.allclose(got.double(), sdxl_size_vector(pooled, 2048, 4096, 8, 16 + start * 8, 1024, 1024), atol=1e-3)  # arguments up to 4096
