@@ -256,14 +256,19 @@ def _calc_cond_batch(config, executor, model, conds, x_in, timestep, model_optio
 SIZE_CONDITIONED = (comfy.model_base.SDXL, comfy.model_base.SDXLRefiner)
 
 
-def window_adm(model, cond: dict, y, plan, indices, batch: int):
+def window_adm(model, cond: dict, y, plan, indices, batch: int, pooled=None):
     """The `y` model cond of the regions `indices`, computed by the model's own encode_adm with each region's
-    size conditioning (sampling/conditioning.py: window_size_conditioning), stacked like the latents."""
+    pooled text embedding (per-factor prompts: SDXL, SD3, Flux) and, for SDXL, its size conditioning
+    (sampling/conditioning.py: window_size_conditioning), stacked like the latents."""
     px, origins = latent_geometry(model)[0], crop_origins(plan)
     parts = []
     for i in indices:
-        sizes = window_size_conditioning(cond, origins[i], plan.regions[i].size, plan.canvas, px)
-        parts.append(comfy.utils.repeat_to_batch_size(model.encode_adm(**{**cond, **sizes}), batch))
+        kwargs = dict(cond)
+        if isinstance(model, SIZE_CONDITIONED):
+            kwargs.update(window_size_conditioning(cond, origins[i], plan.regions[i].size, plan.canvas, px))
+        if pooled:
+            kwargs["pooled_output"] = pooled[i]
+        parts.append(comfy.utils.repeat_to_batch_size(model.encode_adm(**kwargs), batch))
     return y._copy_with(torch.cat(parts).to(y.cond.device, y.cond.dtype))
 
 
@@ -294,7 +299,8 @@ class _Run:
                 full = layout_for(self.config.plan, model, focus[0])
                 i = focus[1]
                 self.plan = replace(full, regions=(full.regions[i],), coefficients=(1.0,), anchor=0, factors_of=(),
-                                    prompts=(full.prompts[i],) if full.prompts else ())
+                                    prompts=(full.prompts[i],) if full.prompts else (),
+                                    pooled=(full.pooled[i],) if full.pooled else ())
             if tuple(x_in.shape[-2:]) != self.plan.regions[0].size:
                 raise ValueError(f"latent_image: {tuple(x_in.shape[-2:])} is not the size of the window it samples")
         elif self.plan is None or self.plan.canvas != tuple(x_in.shape[-2:]):
@@ -317,7 +323,8 @@ class _Run:
             size = _auto_window_batch(model, plan, conds, x_in)
         by_size = {}
         for i, region in enumerate(plan.regions):
-            by_size.setdefault(region.size, []).append(i)
+            # per-region prompts of different token counts batch only where ComfyUI could (CLIP pads, T5 / Qwen cannot)
+            by_size.setdefault((region.size, plan.prompts[i].shape[-2] if plan.prompts else None), []).append(i)
         size = max(1, size)
         return [tuple(ids[s:s + size]) for ids in by_size.values() for s in range(0, len(ids), size)]
 
@@ -345,10 +352,13 @@ class _Run:
             w["mask"] = stack_regions(self._canvas_sized(d["mask"], "mask"), regions, B)
         if d.get("model_conds"):
             w["model_conds"] = {k: self._window_model_cond(v, regions, B) for k, v in d["model_conds"].items()}
-            if "y" in w["model_conds"] and isinstance(self.model, SIZE_CONDITIONED) and "unclip_conditioning" not in d:
-                w["model_conds"]["y"] = window_adm(self.model, d, w["model_conds"]["y"], self.plan, batch, B)
-            if positive and self.plan.prompts and "area" not in d and d.get("mask") is None:
+            prompted = positive and self.plan.prompts and "area" not in d and d.get("mask") is None
+            if prompted:
                 w["model_conds"]["c_crossattn"] = self._region_prompt(d["model_conds"].get("c_crossattn"), batch, B)
+            pooled = self.plan.pooled if prompted and self.plan.pooled else None
+            y = w["model_conds"].get("y")
+            if y is not None and "unclip_conditioning" not in d and (pooled or isinstance(self.model, SIZE_CONDITIONED)):
+                w["model_conds"]["y"] = window_adm(self.model, d, y, self.plan, batch, B, pooled)
         if d.get("control") is not None:
             w["control"] = self._control_chain(d["control"], batch, B)
         return w

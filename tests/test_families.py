@@ -654,3 +654,73 @@ def test_sdxl_windows_are_conditioned_as_crops_of_the_canvas(f):
                                                           "target_width": 1024, "target_height": 1024})
     for got, start in zip(ys(f.plan, pos), STARTS):
         assert torch.allclose(got.double(), sdxl_size_vector(pooled, 2048, 4096, 8, 16 + start * 8, 1024, 1024), atol=1e-3)  # arguments up to 4096
+
+
+# --- per-factor prompts for every family's text conditioning ---------------------------------------
+
+def factor_entries(f, family, lengths):
+    """CONDITIONING with one entry per factor, as CLIP Text Encode nodes joined by Conditioning (Combine) give it."""
+    out = []
+    for k, tokens in enumerate(lengths):
+        out += f.tf.text_cond(family, 30 + k, tokens=tokens)
+    return out
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd35", "flux", "qwen"])
+def test_per_factor_prompts_reach_their_factors_with_their_pooled_embeddings(f, family):
+    """Hook on the real diffusion model: each factor is denoised with its own text embedding and, where the
+    family has one (SDXL: CLIP-G in `y`; SD3: CLIP-L + CLIP-G; Flux: CLIP-L), its own pooled embedding; each
+    overlap with the mean of its factors' (variable_prompts 'mean')."""
+    w = world(f, family)
+    entries = factor_entries(f, family, [12, 12, 12])
+    plan = f.Collage.execute("chain", 128, 64, 64, 64, 32, "horizontal", 0, prompt_mode="per factor",
+                             factor_conditioning=entries).args[0]
+    layout = f.bridge.layout_for(plan, w["model"], (1, 16, 8, 16))
+    net, calls = w["model"].model.diffusion_model, []
+    handle = net.register_forward_hook(lambda m, a, kw, out: calls.append((kw["context"][-1].clone(),
+                                                                            kw.get("y", torch.zeros(1, 1))[-1].clone())),
+                                       with_kwargs=True)
+    channels = w["latent"]["samples"].shape[1]
+    try:
+        sample(f, dict(w, latent={"samples": torch.zeros(1, channels, 8, 16)}), plan=plan, pos=w["pos_text"],
+               neg=w["neg_text"], steps=1, batch=1)
+    finally:
+        handle.remove()
+    assert len(calls) == len(layout.regions) == 5  # 3 factors, 2 overlaps
+    sizes = list(dict.fromkeys(r.size for r in layout.regions))
+    order = [i for size in sizes for i, r in enumerate(layout.regions) if r.size == size]
+    for (context, y), i in zip(calls, order):
+        sources = layout.factors_of[i]
+        text = torch.stack([entries[s][0][0] for s in sources]).mean(0)
+        assert torch.allclose(context, text, atol=1e-6), (family, i)
+        pooled = entries[0][1].get("pooled_output")
+        if pooled is not None:
+            expected = torch.stack([entries[s][1]["pooled_output"][0] for s in sources]).mean(0)
+            assert torch.allclose(y[:expected.shape[-1]], expected, atol=1e-6), (family, i)
+            assert not torch.allclose(y[:expected.shape[-1]], w["pos_text"][0][1]["pooled_output"][0])
+
+
+def test_text_encoders_without_77_token_chunks_interpolate_only_prompts_of_equal_length(f):
+    """T5 and Qwen's encoder give one token per word piece: embeddings of different lengths cannot be averaged
+    or interpolated token by token (refused at the node, naming the input); 'per factor' prompts of different
+    lengths with null overlaps sample, each length batched on its own; equal lengths interpolate (Flux's T5
+    pads short prompts to 77 tokens)."""
+    w = world(f, "qwen")
+    uneven = factor_entries(f, "qwen", [12, 15])
+    with pytest.raises(ValueError, match=r"prompts: 'interpolate': .* these encode to 12, 15 tokens .* 'per factor'"):
+        f.Collage.execute("chain", 128, 64, 64, 64, 32, "horizontal", 0, prompt_mode="interpolate",
+                          factor_conditioning=uneven)
+    three = factor_entries(f, "qwen", [12, 15, 12])
+    with pytest.raises(ValueError, match=r"variable_prompts 'mean': .* 12, 15 tokens"):
+        f.Collage.execute("chain", 128, 64, 64, 64, 32, "horizontal", 0, prompt_mode="per factor",
+                          factor_conditioning=three)
+    from controlsync.sampling.collage import FactorGraphPlan
+    null = f.tf.text_cond("qwen", 40, tokens=9)[0][0]
+    null_plan = FactorGraphPlan("chain", (64, 128), (64, 64), 32, factor_prompts=tuple(e[0] for e in three),
+                                variable_prompt="null", null_prompt=null)
+    latent = {"samples": torch.zeros(1, 16, 8, 16)}
+    out = sample(f, dict(w, latent=latent), plan=null_plan, pos=w["pos_text"], neg=w["neg_text"], steps=2, batch=4)
+    assert bool(torch.isfinite(out).all())
+    flux = f.Collage.execute("chain", 128, 64, 64, 64, 32, "horizontal", 0, prompt_mode="interpolate",
+                             factor_conditioning=factor_entries(f, "flux", [77, 77])).args[0]
+    assert len(flux.factor_prompts) == len(flux.factor_pooled) == 3
