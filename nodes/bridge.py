@@ -499,7 +499,8 @@ class _Run:
 
             def decode(x0):
                 if sync.loss_downscale > 1:
-                    x0 = torch.nn.functional.avg_pool2d(x0, sync.loss_downscale)
+                    k = sync.loss_downscale  # over height and width (one-frame video latents: (B, C, 1, H, W))
+                    x0 = torch.nn.functional.avg_pool2d(x0, k) if x0.ndim == 4 else torch.nn.functional.avg_pool3d(x0, (1, k, k))
                 if sync.loss_decoder == "taesd":  # TAESD reads the model-space latent, as in ComfyUI's previews
                     return taesd.decode(x0.float()).to(loss_dtype)
                 z = latent_format.process_out(x0).to(vae.device, vae.vae_dtype)

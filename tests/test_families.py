@@ -728,3 +728,34 @@ def test_text_encoders_without_77_token_chunks_interpolate_only_prompts_of_equal
     flux = f.Collage.execute("chain", 128, 64, 64, 64, 32, "horizontal", 0, prompt_mode="interpolate",
                              factor_conditioning=factor_entries(f, "flux", [77, 77])).args[0]
     assert len(flux.factor_prompts) == len(flux.factor_pooled) == 3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fast_sync_modes_run_in_every_family(f, family):
+    """AnchorSync's fast mode (the model's Jacobian skipped) and half-resolution loss run and move the result."""
+    w = world(f, family)
+    unsynced, exact = sample(f, w, steps=2), sample(f, w, sync=sync_settings(f, w, weight=200.0), steps=2)
+    with torch.inference_mode():
+        fast_settings = f.Sync.execute(w["vae"], 200.0, 0.95, 50, "alex", "skip model Jacobian", "half").args[0]
+    fast = sample(f, w, sync=fast_settings, steps=2)
+    assert bool(torch.isfinite(fast).all())
+    assert not torch.equal(fast, unsynced) and not torch.equal(fast, exact) and not torch.equal(exact, unsynced)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cubemap_samples_and_decodes_in_every_family(f, family):
+    """A 360 cubemap (three 4-face loops, windows across cube edges turned) with the family's ControlNet crops,
+    decoded face by face inside its cube neighbours."""
+    from controlsync.nodes.equirect_to_cubemap import EquirectToCubemap
+    from controlsync.nodes.loop_decode import LoopDecode
+    w = world(f, family)
+    strip = EquirectToCubemap.execute(f.tm.condition_image(128, 256), 64).args[0]
+    plan = f.Collage.execute("cubemap", 64, 64, 64, 64, 32, "horizontal", 0, image=strip).args[0]
+    channels = w["latent"]["samples"].shape[1]
+    with torch.inference_mode():
+        pos, neg = (w["pos"], w["neg"]) if w["kind"] == "concat" else f.nodes.ControlNetApplyAdvanced().apply_controlnet(
+            w["pos_text"], w["neg_text"], w["control"], strip, 1.0, 0.0, 1.0, vae=w["vae"])
+    out = sample(f, dict(w, latent={"samples": torch.zeros(1, channels, 8, 48)}), plan=plan, pos=pos, neg=neg, steps=1)
+    with torch.inference_mode():
+        cube = LoopDecode.execute({"samples": out}, w["vae"], 4, "cubemap").args[0]
+    assert cube.shape == (1, 64, 384, 3) and bool(torch.isfinite(cube).all())
