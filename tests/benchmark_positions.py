@@ -7,7 +7,8 @@ window-sized latent does. ComfyUI 0.3.64 offers one public way to move Flux's im
 `post_input` patch in transformer_options, which may rewrite `img_ids`. This script adds, per window, the
 window's offset in the canvas (in patches) to the ids of the main model (the Flux ControlNets compute their
 own ids and cannot be reached that way) and compares coherence on the tiny Flux of tests/tiny_families.py:
-the mean LPIPS of every window's decoded crop to the first window's, over several seeds.
+the mean LPIPS of every window's decoded crop to the first window's, over several seeds, and how far the
+global ids move the sampled latent at all.
 
 Tiny random weights carry no learned notion of position: whatever difference this prints says nothing about
 a trained Flux. It measures only that the mechanism changes the result.
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
     import lpips_weights
     import tiny_families as tf
     import tiny_models as tm
-    bridge = sys.modules["controlsync.nodes.bridge"]
+    from controlsync.nodes import bridge
     from controlsync.nodes.window_planner import WindowPlanner
 
     lpips_weights.write_lpips_backbones(LPIPS_DIR)
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
         model, vae = tf.model("flux"), tf.vae("flux")
         pos = nflux.FluxGuidance.execute(tf.text_cond("flux", 10, guidance=None), 3.5).args[0]
         latent = {"samples": torch.zeros(1, 16, height // 8, width // 8)}
-        results = {}
+        results, latents = {}, {}
         for name in ("window-local", "canvas-global"):
             scores = []
             for seed in range(args.seeds):
@@ -80,12 +81,16 @@ def main(argv=None) -> int:
                                                   global_positions)
                 import nodes
                 out = nodes.common_ksampler(windowed, seed, args.steps, 1.0, "euler", "simple", pos, pos, latent)[0]
+                latents.setdefault(seed, []).append(out["samples"])
                 images = vae.decode(out["samples"]).movedim(-1, 1) * 2 - 1
                 crops = [images[..., s * 8:s * 8 + window] for s in starts]
                 scores.append(sum(float(loss(c, crops[0])) for c in crops[1:]) / (len(crops) - 1))
             results[name] = scores
             print(f"{name:>14}: mean LPIPS of each window to the first, per seed {[round(v, 5) for v in scores]}, "
                   f"mean {sum(scores) / len(scores):.5f}")
+        moved = max(float((a - b).abs().max()) for a, b in latents.values())
+        print(f"largest change of the sampled latent by canvas-global positions: {moved:.3g} "
+              f"(latent magnitude {max(float(a.abs().max()) for a, _ in latents.values()):.3g})")
     del tm, pack
     return 0
 
