@@ -24,7 +24,8 @@ class AnchorSync(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="The VAE whose decoder the perceptual loss looks through (the checkpoint's VAE)."),
                 io.Float.Input("weight", default=20.0, min=0.0, max=1000.0, step=0.5,
                                tooltip="Gradient step size w (papers: 20). Higher pulls windows harder toward the anchor's "
-                                       "look; 0 turns sync off. Scaled to ComfyUI's sigma space so 20 means the paper's 20."),
+                                       "look; 0 turns sync off. Scaled to the model's own sampling space (eps, v-prediction "
+                                       "or flow, read from the model) so 20 means the paper's 20."),
                 io.Float.Input("decay", default=0.95, min=0.0, max=1.0, step=0.01,
                                tooltip="w_t = weight * decay^t (papers: 0.95): later synced steps pull less."),
                 io.Int.Input("sync_steps", default=10, min=0, max=1000,

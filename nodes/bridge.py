@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import functools
 import logging
 import math
@@ -31,8 +32,11 @@ from dataclasses import dataclass, field, replace
 import torch
 
 import comfy.conds
+import comfy.ldm.modules.diffusionmodules.openaimodel
+import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
+import comfy.model_sampling
 import comfy.patcher_extension
 import comfy.sample
 import comfy.sampler_helpers
@@ -43,10 +47,11 @@ import latent_preview
 
 from ..sampling import MergeRule, PlanError, gather, rect_region, scatter_set
 from ..sampling.conditional import autoregressive_order, collage_reconstruction
+from ..sampling.conditioning import crop_origins, window_size_conditioning
 from ..sampling.perceptual import build_lpips, find_backbone, hub_checkpoints
 from ..sampling.steps import StepPatternError, first_evaluations
-from ..sampling.sync import (SyncSchedule, factor_indices, fold_update, identity_through, lpips_input, shrinkage,
-                             noise_level, region_moves, sync_deltas, window_sync_gradient)
+from ..sampling.sync import (SyncSchedule, factor_indices, fold_update, identity_through, lpips_input, noise_level,
+                             region_moves, shrinkage, signal_scale, sync_deltas, window_sync_gradient)
 
 WRAPPER_KEY = "controlsync.windows"
 # pre-run state that ControlBase.copy() does not carry over (set by pre_run on the originals)
@@ -99,9 +104,26 @@ def latent_geometry(model) -> tuple[int, int]:
     return int(factor), int(patch) if isinstance(patch, int) and patch > 0 else 1
 
 
+def parameterisation(model) -> str:
+    """The space the model samples in, read from its model_sampling (after any ModelSampling* node's patch):
+    "ve" (eps, v-prediction, x0, EDM: x = x0 + sigma eps) or "flow" (CONST: x = (1 - sigma) x0 + sigma eps);
+    see sampling/sync.py. A ModelPatcher or a BaseModel."""
+    sampling = model.get_model_object("model_sampling") if hasattr(model, "get_model_object") else model.model_sampling
+    kinds = ((comfy.model_sampling.CONST, "flow"), (comfy.model_sampling.EPS, "ve"))
+    for cls, name in kinds:
+        # the sampler's space is set by noise_scaling: a subclass that redefines it is another space
+        if isinstance(sampling, cls) and type(sampling).noise_scaling is cls.noise_scaling:
+            return name
+    names = [c.__name__ for c in type(sampling).__mro__ if c.__module__ == comfy.model_sampling.__name__] or [type(sampling).__name__]
+    raise ValueError(f"sync: AnchorSync steps in the model's own parameterisation and knows eps / v-prediction "
+                     f"(x = x0 + sigma eps) and flow matching (CONST: x = (1 - sigma) x0 + sigma eps); this MODEL "
+                     f"samples with {' + '.join(names)}. Sample it without AnchorSync (leave sync empty).")
+
+
 def layout_for(plan, model, latent_shape):
     """The plan laid out on a latent of `latent_shape` for this model (a ModelPatcher or BaseModel)."""
-    if len(latent_shape) != 4:
+    # 2-D images; models with video latents (Qwen-Image: Wan's VAE) take an image as one frame (B, C, 1, H, W)
+    if not (len(latent_shape) == 4 or (len(latent_shape) == 5 and latent_shape[2] == 1)):
         raise ValueError(f"latent_image: ControlSync plans are 2-D images; got a latent of shape {tuple(latent_shape)} "
                          f"({len(latent_shape) - 2} spatial dims)")
     factor, multiple = latent_geometry(model)
@@ -135,6 +157,8 @@ def windowed_model(model, plan, window_batch: int = 0, sync: SyncSettings | None
     `schedule_position`: (offset, total) when the caller knows the run samples steps offset.. of a
     total-step schedule (KSampler's denoise), for AnchorSync's step count."""
     refuse_unsupported(model.model_options)
+    if sync is not None:
+        parameterisation(model)  # refuse an unknown parameterisation before sampling starts
     if model.get_wrappers(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY):
         raise ValueError("model: this MODEL already carries a ControlSync window plan (from ControlSync Windowed "
                          "Model); connect the original MODEL instead of windowing it twice.")
@@ -211,7 +235,9 @@ class RunContext:
     config: WindowedConfig
     plan: object                 # RegionPlan laid out on this run's latent (one region when focused)
     merge: MergeRule
+    model: object                # the BaseModel (per-window model conds are computed with it)
     guider: object = None        # the CFGGuider sampling (None: a call outside a sampling run)
+    parameterisation: str = "ve"  # the space AnchorSync steps in (sampling/sync.py)
     step_weights: tuple = ()     # AnchorSync's w_t for every sampler step (empty: no sync)
     sigmas: tuple = ()           # the run's schedule
     seed: int | None = None
@@ -237,7 +263,7 @@ class _RunState:
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
-        self.conds = WindowConds(ctx.plan)
+        self.conds = WindowConds(ctx.plan, ctx.model)
         self.known = None            # Reconstruction: (known latent, 1 on known cells), as the sampled latent
         self.evaluations = 0         # model evaluations the sampler made so far
         self.tracked = False         # counted at the sampler (else: each outermost call is one evaluation)
@@ -351,7 +377,9 @@ def _run_context(config, guider, latent_shape, sigmas, seed) -> RunContext:
             position = (0, len(schedule) - 1)
         weights = tuple(config.sync.schedule.step_weights(
             schedule, lambda s: noise_level(s, model_sampling.percent_to_sigma), position))
-    return RunContext(config, plan, MergeRule(plan), guider, weights, tuple(float(s) for s in sigmas), seed)
+    kind = parameterisation(patcher) if weights else "ve"
+    return RunContext(config, plan, MergeRule(plan), patcher.model, guider, kind, weights,
+                      tuple(float(s) for s in sigmas), seed)
 
 
 def _is_whole_schedule(model_sampling, sigmas) -> bool:
@@ -375,7 +403,7 @@ def _focused_layout(config, model, latent_shape):
     full = layout_for(config.plan, model, focus[0])
     i = focus[1]
     plan = replace(full, regions=(full.regions[i],), coefficients=(1.0,), anchor=0, factors_of=(),
-                   prompts=(full.prompts[i],) if full.prompts else ())
+                   prompts=(full.prompts[i],) if full.prompts else (), pooled=(full.pooled[i],) if full.pooled else ())
     if tuple(latent_shape[-2:]) != plan.regions[0].size:
         raise ValueError(f"latent_image: {tuple(latent_shape[-2:])} is not the size of the window it samples")
     return plan
@@ -455,7 +483,7 @@ def _calc_cond_batch(config, executor, model, conds, x_in, timestep, model_optio
     transient = run is None or run.ctx.config is not config
     if transient:  # called outside our OUTER_SAMPLE (another guider's path): state for this call only
         layout = _focused_layout(config, model, x_in.shape)
-        run = _RunState(RunContext(config, layout, MergeRule(layout)))
+        run = _RunState(RunContext(config, layout, MergeRule(layout), model))
     call = functools.partial(executor, *args, **kwargs) if (args or kwargs) else executor
     try:
         focus = _focus.get()
@@ -583,11 +611,12 @@ def _merged(run, per_region, like):
 
 
 def _batches(plan, indices, size):
-    """Runs of region indices to evaluate in one call; only regions of one size batch together
-    (factor graphs mix factor and variable sizes)."""
+    """Runs of region indices to evaluate in one call; only regions of one size batch together (factor
+    graphs mix factor and variable sizes), and per-region prompts of one token count (CLIP pads, T5 and
+    Qwen cannot)."""
     by_size = {}
     for i in indices:
-        by_size.setdefault(plan.regions[i].size, []).append(i)
+        by_size.setdefault((plan.regions[i].size, plan.prompts[i].shape[-2] if plan.prompts else None), []).append(i)
     size = max(1, size)
     return [tuple(ids[s:s + size]) for ids in by_size.values() for s in range(0, len(ids), size)]
 
@@ -627,13 +656,33 @@ def _automatic_batch(model, plan, conds, x_in, gradient=False) -> int:
 
 # --- per-window conds and ControlNet copies -----------------------------------------------------
 
+# models whose adm vector carries SDXL's size conditioning (original size, crop, target size)
+SIZE_CONDITIONED = (comfy.model_base.SDXL, comfy.model_base.SDXLRefiner)
+
+
+def window_adm(model, cond: dict, y, plan, indices, batch: int, pooled=None):
+    """The `y` model cond of the regions `indices`, computed by the model's own encode_adm with each region's
+    pooled text embedding (per-factor prompts: SDXL, SD3, Flux) and, for SDXL, its size conditioning
+    (sampling/conditioning.py: window_size_conditioning), stacked like the latents."""
+    px, origins = latent_geometry(model)[0], crop_origins(plan)
+    parts = []
+    for i in indices:
+        kwargs = dict(cond)
+        if isinstance(model, SIZE_CONDITIONED):
+            kwargs.update(window_size_conditioning(cond, origins[i], plan.regions[i].size, plan.canvas, px))
+        if pooled:
+            kwargs["pooled_output"] = pooled[i]
+        parts.append(comfy.utils.repeat_to_batch_size(model.encode_adm(**kwargs), batch))
+    return y._copy_with(torch.cat(parts).to(y.cond.device, y.cond.dtype))
+
+
 class WindowConds:
     """Conds cropped to a batch of regions: latents-shaped masks and model conds, area conds intersected,
     per-region prompts, and one chain of ControlNet copies per batch holding the batch's hint crops.
     Crops are made once per region and run; nothing of the user's conds or ControlNets is modified."""
 
-    def __init__(self, plan):
-        self.plan = plan
+    def __init__(self, plan, model):
+        self.plan, self.model = plan, model
         self.canvas_hints = {}    # id(control) -> (control, canvas-sized hint, px per cell)
         self.hint_crops = {}      # (id(control), region) -> (hint crop, extra concat crops)
         self.controls = {}        # (id(control), batch, B) -> (control, chain copy)
@@ -661,8 +710,13 @@ class WindowConds:
             w["mask"] = stack_regions(self._canvas_sized(d["mask"], "mask"), regions, B)
         if d.get("model_conds"):
             w["model_conds"] = {k: self._window_model_cond(v, regions, B) for k, v in d["model_conds"].items()}
-            if role == "positive" and self.plan.prompts and "area" not in d and d.get("mask") is None:
+            prompted = role == "positive" and self.plan.prompts and "area" not in d and d.get("mask") is None
+            if prompted:
                 w["model_conds"]["c_crossattn"] = self._region_prompt(d["model_conds"].get("c_crossattn"), batch, B)
+            pooled = self.plan.pooled if prompted and self.plan.pooled else None
+            y = w["model_conds"].get("y")
+            if y is not None and "unclip_conditioning" not in d and (pooled or isinstance(self.model, SIZE_CONDITIONED)):
+                w["model_conds"]["y"] = window_adm(self.model, d, y, self.plan, batch, B, pooled)
         if d.get("control") is not None:
             w["control"] = self._control_chain(d["control"], batch, B)
         return w
@@ -796,7 +850,7 @@ def sync_moves(run, model, conds, x_in, timestep, model_options, sync, outputs):
             x0s[batch] = guided_x0(run, batch, torch.cat([latents[i] for i in batch]), timestep, model_options)
     bar = comfy.utils.ProgressBar(len(others))
     kappas = {}
-    with differentiable(modules):
+    with differentiable(modules, copy_saved=_adds_in_place(model)):
         anchor_image = lpips_input(decode(x0s[(plan.anchor,)].clone())).detach()
         grad_options = _gradient_options(model_options)
 
@@ -806,7 +860,7 @@ def sync_moves(run, model, conds, x_in, timestep, model_options, sync, outputs):
             if fast:  # grad_{x0} L at the sampler's own x0, times the denoiser's slope along it
                 x0 = x0s[batch].clone()
                 values, g = window_sync_gradient(x, identity_through(x0), decode, loss, anchor)
-                kappa = shrinkage(x0.to(g), x.to(g), g)
+                kappa = shrinkage(x0.to(g), x.to(g), g, 1.0 / signal_scale(run.ctx.parameterisation, sigma))
                 kappas.update(zip(batch, kappa.chunk(len(batch))))
                 out = values, kappa * g
             else:
@@ -815,7 +869,8 @@ def sync_moves(run, model, conds, x_in, timestep, model_options, sync, outputs):
             bar.update(len(batch))
             return out
 
-        deltas, skipped = sync_deltas({i: latents[i].clone() for i in others}, batches, weight, sigma, gradient)
+        deltas, skipped = sync_deltas({i: latents[i].clone() for i in others}, batches, weight, sigma, gradient,
+                                      run.ctx.parameterisation)
     if skipped:
         logging.warning(f"ControlSync AnchorSync: non-finite sync loss or gradient at sigma {sigma:.4g} for "
                         f"window(s) {sorted(skipped)}; they skip this sync step")
@@ -848,14 +903,18 @@ def _loss_path(run, model, x_in):
         # LPIPS in float32 (float64 when the VAE runs in float64: exact gradient checks)
         device, loss_dtype, modules = vae.device, (torch.float64 if vae.vae_dtype == torch.float64 else torch.float32), [vae.first_stage_model]
     loss_net = load_lpips(sync.loss_net, device, loss_dtype)
+    with torch.inference_mode(False):
+        latent_format = autograd_copy(model.latent_format)
 
     def decode(x0):
         if sync.loss_downscale > 1:
-            x0 = torch.nn.functional.avg_pool2d(x0, sync.loss_downscale)
+            k = sync.loss_downscale  # over height and width (one-frame video latents: (B, C, 1, H, W))
+            x0 = torch.nn.functional.avg_pool2d(x0, k) if x0.ndim == 4 else torch.nn.functional.avg_pool3d(x0, (1, k, k))
         if sync.loss_decoder == "taesd":  # TAESD reads the model-space latent, as in ComfyUI's previews
             return taesd.decode(x0.float()).to(loss_dtype)
-        z = model.latent_format.process_out(x0).to(sync.vae.device, sync.vae.vae_dtype)
-        return sync.vae.first_stage_model.decode(z).to(loss_dtype)
+        z = latent_format.process_out(x0).to(sync.vae.device, sync.vae.vae_dtype)
+        image = sync.vae.first_stage_model.decode(z)
+        return (image[:, :, 0] if image.ndim == 5 else image).to(loss_dtype)  # video VAEs: the one frame
 
     def loss(image, anchor_image):
         return loss_net(image.to(anchor_image.device), anchor_image, normalize=False)
@@ -873,7 +932,7 @@ def reconstruction_correction(run, model, conds, x_in, timestep, model_options):
     known, mask = (t.to(x_in.device, x_in.dtype) for t in run.known)
     x0 = run.ctx.guider(x_in, timestep, model_options=model_options, seed=run.ctx.seed)
     touching = [i for i, c in enumerate(plan.coefficients) if c != 0 and bool(gather(mask, plan.regions[i]).any())]
-    with differentiable([model.diffusion_model] + _control_modules(conds)):
+    with differentiable([model.diffusion_model] + _control_modules(conds), copy_saved=_adds_in_place(model)):
         options = _gradient_options(model_options)
         # a clone of the latent: what autograd runs on must not be an inference tensor
         return collage_reconstruction(
@@ -897,13 +956,15 @@ def _control_modules(conds):
 
 
 @contextlib.contextmanager
-def differentiable(modules):
+def differentiable(modules, copy_saved: bool = False):
     """Autograd inside ComfyUI's inference mode. Weights loaded there are inference tensors, which
     autograd cannot save for backward; while the gradient pass runs, each is replaced by a plain tensor
     aliasing the same memory (no copy), and the user's own tensors are put back afterwards, whatever
-    happens. Nothing is swapped outside this block, so ComfyUI may move or patch weights between steps."""
+    happens. Nothing is swapped outside this block, so ComfyUI may move or patch weights between steps.
+    `copy_saved`: keep a copy of every activation autograd saves (see _saved_copy)."""
     swapped, seen = [], set()
-    with torch.inference_mode(False), torch.enable_grad():
+    hooks = torch.autograd.graph.saved_tensors_hooks(_saved_copy, _saved_value) if copy_saved else contextlib.nullcontext()
+    with torch.inference_mode(False), torch.enable_grad(), hooks:
         try:
             for module in modules:
                 for sub in module.modules():
@@ -920,6 +981,35 @@ def differentiable(modules):
         finally:
             for store, name, t in reversed(swapped):
                 store[name] = t
+
+
+def _saved_copy(t):
+    """Model code written for inference adds in place to activations that autograd saved for backward (Flux's
+    single-stream blocks, the ControlNet residuals of Flux, SD3 and Qwen-Image): a copy of each saved activation
+    keeps the value the backward pass needs. Weights and constants (no grad) are never modified: kept as is."""
+    return t.clone() if t.requires_grad else t
+
+
+def _saved_value(t):
+    return t
+
+
+def _adds_in_place(model) -> bool:
+    """Whether the diffusion model's code may add in place to saved activations. ComfyUI's UNet does so
+    only with ControlNet residuals, which the gradient options' copy after the skip connection handles
+    without copying every saved activation (half the activation memory)."""
+    return not isinstance(model.diffusion_model, comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel)
+
+
+def autograd_copy(obj):
+    """A shallow copy of `obj` whose tensor attributes made in inference mode are plain tensors autograd can
+    save (Wan's latent format, used by Qwen-Image, keeps its per-channel mean and std as tensors). Call it
+    outside inference mode."""
+    out = copy.copy(obj)
+    for name, value in vars(obj).items():
+        if torch.is_tensor(value) and value.is_inference():
+            setattr(out, name, value.clone())
+    return out
 
 
 def _alias(t: torch.Tensor) -> torch.Tensor:

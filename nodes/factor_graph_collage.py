@@ -1,13 +1,12 @@
 """FactorGraphCollage: DiffCollage factor graphs (chains, seamless loops, grids, 360 cubemaps) for ControlSync Sampler."""
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 from comfy_api.latest import io
 
 from ..sampling.conditional import METHODS, ORDERS
-from ..sampling.conditioning import VARIABLE_PROMPTS, along_chain
+from ..sampling.conditioning import VARIABLE_PROMPTS, along_chain, same_length
 from ..sampling.collage import GRAPHS, FactorGraphPlan
 from .cubemap_layout import convert_image, layout_input
 from .schema import schema
@@ -18,7 +17,8 @@ PROMPT_MODES = ("one for all", "per factor", "interpolate")
 
 
 def encode(clip, text):
-    return clip.encode_from_tokens(clip.tokenize(text))
+    """(text embedding, pooled embedding or None) as CLIP Text Encode gives them."""
+    return clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
 
 
 class FactorGraphCollage(io.ComfyNode):
@@ -159,6 +159,7 @@ def factor_prompts(plan, latent_hw, mode, prompts, variable_prompts, clip, condi
             raise ValueError("prompts / factor_conditioning: give the factors' prompts one way, as text lines or as "
                              "conditioning entries, not both")
         embeddings, source = [entry[0] for entry in conditioning], "factor_conditioning has {} entries"
+        pooled = [entry[1].get("pooled_output") for entry in conditioning]
     else:
         if clip is None:
             raise ValueError(f"clip: prompt_mode '{mode}' encodes the prompts itself: connect the CLIP of your checkpoint "
@@ -176,13 +177,18 @@ def factor_prompts(plan, latent_hw, mode, prompts, variable_prompts, clip, condi
         raise ValueError(f"prompts: prompt_mode 'interpolate' needs at least two (first and last scene), but "
                          f"{source.format(given)}")
     if embeddings is None:
-        embeddings = [encode(clip, line) for line in lines]
+        embeddings, pooled = (list(t) for t in zip(*(encode(clip, line) for line in lines)))
+    if any(p is None for p in pooled):  # a text encoder without a pooled output (or a model that takes none)
+        pooled = []
     if mode == "interpolate":
-        length = math.lcm(*(e.shape[1] for e in embeddings))  # token counts: multiples of 77
-        embeddings = along_chain([e.repeat(1, length // e.shape[1], 1) for e in embeddings], count)
-    null = None
+        embeddings = along_chain(same_length(embeddings, "prompts: 'interpolate'"), count)
+        pooled = along_chain(pooled, count) if pooled else []
+    null = null_pooled = None
     if variable_prompts == "null":
         if clip is None:
             raise ValueError("clip: variable_prompts 'null' encodes the empty prompt: connect the CLIP of your checkpoint")
-        null = encode(clip, "")
-    return {"factor_prompts": tuple(embeddings), "null_prompt": null}
+        null, null_pooled = encode(clip, "")
+        if null_pooled is None:
+            pooled = []
+    return {"factor_prompts": tuple(embeddings), "null_prompt": null, "factor_pooled": tuple(pooled),
+            "null_pooled": null_pooled if pooled else None}

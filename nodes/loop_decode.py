@@ -46,7 +46,7 @@ class LoopDecode(io.ComfyNode):
     @classmethod
     def execute(cls, samples, vae, wrap_cells=8, layout="loop") -> io.NodeOutput:
         latent = samples["samples"]
-        if latent.ndim != 4:
+        if not (latent.ndim == 4 or (latent.ndim == 5 and latent.shape[2] == 1)):  # video VAEs: one frame
             raise ValueError(f"samples: expected an image latent (batch, channels, height, width), got {tuple(latent.shape)}")
         if layout == "cubemap":
             return io.NodeOutput(decode_cubemap(latent, vae, wrap_cells))

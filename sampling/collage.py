@@ -5,9 +5,9 @@ from dataclasses import dataclass, replace
 
 from .conditional import METHODS, ORDERS
 from .conditioning import VARIABLE_PROMPTS, region_prompts
-from .cubemap import cubemap_plan, with_face_prompts
+from .cubemap import cubemap_plan, face_prompts
 from .factor_graphs import chain_factors, corner_grid_factors, cycle_factors, factor_region_plan, grid_factors
-from .plans import PlanError, RegionPlan, _cells
+from .plans import PlanError, RegionPlan, _cells, check_patch_grid
 
 GRAPHS = ("chain", "cycle", "grid", "corner_grid", "cubemap")
 
@@ -24,6 +24,8 @@ class FactorGraphPlan:
     factor_prompts: tuple = ()      # one text embedding per factor (empty: the sampler's positive prompt)
     variable_prompt: str = "mean"   # overlaps: mean of their factors' embeddings, or the null prompt
     null_prompt: object = None      # the empty prompt's embedding, for variable_prompt "null"
+    factor_pooled: tuple = ()       # one pooled embedding per factor (models with one: SDXL, SD3, Flux), or empty
+    null_pooled: object = None      # the empty prompt's pooled embedding
     known_pixels: str = "replacement"   # how a noise-masked latent's known cells are kept (METHODS)
     reconstruction_weight: float = 1.0  # w of Reconstruction: D - (w/2) grad ||H D - y||^2
     order: str = "joint"            # joint (DiffCollage) or autoregressive (window after window, the baseline)
@@ -84,8 +86,9 @@ class FactorGraphPlan:
             raise PlanError(
                 f"the latent is {W * factor}x{H * factor} px but the factor graph was made for a "
                 f"{self.canvas_px[1]}x{self.canvas_px[0]} px canvas: give FactorGraphCollage the same size")
+        check_patch_grid((H, W), factor, multiple)
         window = tuple(_cells(v, factor, multiple, n) for v, n in zip(self.window_px, ("window_height", "window_width")))
-        overlap = _cells(self.overlap_px, factor, 1, "overlap") if self.overlap_px else 0
+        overlap = _cells(self.overlap_px, factor, multiple, "overlap") if self.overlap_px else 0
         if self.graph == "cubemap":
             return self._cubemap_layout(H, window[1], overlap)
         if self.graph == "chain":
@@ -103,16 +106,23 @@ class FactorGraphPlan:
             return plan
         if len(self.factor_prompts) != len(boxes):
             raise PlanError(f"prompts: {len(self.factor_prompts)} prompts for {len(boxes)} factors - give one per factor")
-        return replace(plan, prompts=region_prompts(list(self.factor_prompts), plan.factors_of, self.variable_prompt,
+        plan = replace(plan, prompts=region_prompts(list(self.factor_prompts), plan.factors_of, self.variable_prompt,
                                                     self.null_prompt))
+        if self.factor_pooled:
+            plan = replace(plan, pooled=region_prompts(list(self.factor_pooled), plan.factors_of, self.variable_prompt,
+                                                       self.null_pooled))
+        return plan
 
     def _cubemap_layout(self, face: int, window: int, overlap: int) -> RegionPlan:
         plan = cubemap_plan(face, window, overlap, self.anchor)
-        return with_face_prompts(plan, list(self.factor_prompts)) if self.factor_prompts else plan
+        if not self.factor_prompts:
+            return plan
+        plan = replace(plan, prompts=face_prompts(plan, list(self.factor_prompts)))
+        return replace(plan, pooled=face_prompts(plan, list(self.factor_pooled))) if self.factor_pooled else plan
 
     def factor_count(self, latent_hw: tuple[int, int], factor: int = 8) -> int:
         """How many prompts 'per factor' takes: one per factor (a cubemap: one per face)."""
         if self.graph == "cubemap":
             return 6
-        plan = replace(self, factor_prompts=()).layout(latent_hw, factor)
+        plan = replace(self, factor_prompts=(), factor_pooled=()).layout(latent_hw, factor)
         return sum(1 for i, f in enumerate(plan.factors_of) if f == (i,))

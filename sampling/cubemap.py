@@ -17,10 +17,10 @@ is its two faces, denoised apart. Every face lies in two loops and one pair: 1 +
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import torch
 
+from .conditioning import same_length
 from .factor_graphs import cycle_factors, factor_region_plan
 from .plans import Piece, PlanError, Region, RegionPlan
 
@@ -300,9 +300,9 @@ def face_cells(plan: RegionPlan, index: int) -> tuple[int, ...]:
     return tuple(sorted({p.src[1] // size for p in plan.regions[index].pieces}))
 
 
-def with_face_prompts(plan: RegionPlan, face_prompts: list[torch.Tensor]) -> RegionPlan:
-    """Each region denoised with the mean embedding of the faces it touches (a face alone: its own)."""
-    if len(face_prompts) != 6:
-        raise PlanError(f"prompts: a cubemap takes one prompt per face ({', '.join(FACES)}): 6, got {len(face_prompts)}")
-    prompts = tuple(torch.stack([face_prompts[f] for f in face_cells(plan, i)]).mean(0) for i in range(len(plan.regions)))
-    return replace(plan, prompts=prompts)
+def face_prompts(plan: RegionPlan, per_face: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Each region's embedding (or pooled embedding): the mean of the faces it touches (a face alone: its own)."""
+    if len(per_face) != 6:
+        raise PlanError(f"prompts: a cubemap takes one prompt per face ({', '.join(FACES)}): 6, got {len(per_face)}")
+    return tuple(torch.stack(same_length([per_face[f] for f in face_cells(plan, i)])).mean(0)
+                 for i in range(len(plan.regions)))

@@ -94,13 +94,14 @@ class RegionPlan:
     anchor: int = 0         # the region other regions are synchronised to
     factors_of: tuple[tuple[int, ...], ...] = ()   # per region, the factors containing it (empty: each its own)
     prompts: tuple = ()     # per region, a text embedding replacing the positive prompt's (empty: none)
+    pooled: tuple = ()      # per region, its pooled text embedding (SDXL, SD3, Flux), with `prompts` (empty: none)
 
     def __post_init__(self):
         if len(self.coefficients) != len(self.regions):
             raise PlanError(f"{len(self.regions)} regions but {len(self.coefficients)} coefficients")
         if not 0 <= self.anchor < len(self.regions):
             raise PlanError(f"anchor {self.anchor} is not one of the {len(self.regions)} regions")
-        for name in ("factors_of", "prompts"):
+        for name in ("factors_of", "prompts", "pooled"):
             if getattr(self, name) and len(getattr(self, name)) != len(self.regions):
                 raise PlanError(f"{len(self.regions)} regions but {len(getattr(self, name))} {name}")
 
@@ -131,8 +132,9 @@ class WindowPlan:
                 f"the latent is {W * factor}x{H * factor} px ({W}x{H} latent cells at {factor} px/cell) but the "
                 f"window plan was made for a {cw}x{ch} px canvas: give WindowPlanner the same size "
                 f"(its 'latent' output is the matching empty latent)")
+        check_patch_grid((H, W), factor, multiple)
         window = tuple(_cells(v, factor, multiple, name) for v, name in zip(self.window_px, ("window_height", "window_width")))
-        stride = tuple(_cells(v, factor, 1, "stride") for v in self.stride_px)
+        stride = tuple(_cells(v, factor, multiple, "stride") for v in self.stride_px)
         ys = window_starts(H, window[0], stride[0])
         xs = window_starts(W, window[1], stride[1])
         regions = tuple(rect_region(y, x, window[0], window[1]) for y in ys for x in xs)
@@ -152,6 +154,18 @@ class WindowPlan:
         """(rows, columns) of windows, counted in pixels (equal to the latent count when sizes divide)."""
         return (len(window_starts(self.canvas_px[0], self.window_px[0], self.stride_px[0])),
                 len(window_starts(self.canvas_px[1], self.window_px[1], self.stride_px[1])))
+
+
+def check_patch_grid(latent_hw: tuple[int, int], factor: int, multiple: int) -> None:
+    """Refuse a canvas that is not a whole number of the model's patches (DiTs: 2x2 latent cells): windows
+    laid out in whole patches could then not reach the far edge on the canvas's patch grid."""
+    H, W = latent_hw
+    if multiple > 1 and (H % multiple or W % multiple):
+        step = multiple * factor
+        raise PlanError(f"the canvas is {W * factor}x{H * factor} px but this model works on patches of {multiple}x"
+                        f"{multiple} latent cells ({step} px): make the canvas width and height multiples of {step} px "
+                        f"(e.g. {W * factor // step * step or step}x{H * factor // step * step or step}) so every window "
+                        f"sits on the model's patch grid")
 
 
 def _cells(px: int, factor: int, multiple: int, name: str) -> int:

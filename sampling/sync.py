@@ -4,18 +4,27 @@ Per synced step, every non-anchor window i moves by one gradient step
     x_i <- x_i - w_t * grad_{x_i} LPIPS(D(x0_i(x_i)), stopgrad(D(x0_anchor)))
 before it is denoised; the anchor is decoded once and not moved.
 
-Sigma space. ComfyUI samples in variance-exploding space, x = x0 + sigma * eps, while the papers step
-in the variance-preserving latent z = x / sqrt(1 + sigma^2) (z = sqrt(a) x0 + sqrt(1 - a) eps with
-sigma^2 = (1 - a) / a). Since grad_z L = sqrt(1 + sigma^2) grad_x L, the paper's step
-z <- z - w grad_z L is x <- x - w (1 + sigma^2) grad_x L in ComfyUI's space.
+The step in each model's own parameterisation. ComfyUI samples x = alpha x0 + sigma eps, with
+    "ve"   (eps, v-prediction, x0 and EDM models): alpha = 1,         x = x0 + sigma eps
+    "flow" (CONST: SD3, Flux, Qwen-Image, ...):    alpha = 1 - sigma, x = (1 - sigma) x0 + sigma eps
+while the papers step in the variance-preserving latent z = alpha_vp x0 + sigma_vp eps with
+alpha_vp^2 + sigma_vp^2 = 1. Dividing by the norm c = sqrt(alpha^2 + sigma^2) maps one onto the
+other: z = x / c (for "ve" this is the DDPM latent, sigma^2 = (1 - a) / a). Since x = c z,
+grad_z L = c grad_x L, and the paper's step z <- z - w grad_z L is, multiplied by c,
+    x <- x - w c^2 grad_x L,   c^2 = alpha^2 + sigma^2:   1 + sigma^2 ("ve"), (1 - sigma)^2 + sigma^2 ("flow"),
+so a weight of 20 means the paper's 20 in every family (`step_scale`). sigma is the sampler's own
+sigma (after any shift of the schedule, as SD3 and Flux use): the map is pointwise in sigma.
 
-The fold. A first-order deterministic step from x with denoised D (Euler in VE space, i.e. DDIM with
-eta 0) is x_next = r x + (1 - r) D with r = sigma_next / sigma. Stepping each window from its moved
-latent x - delta_i and merging equals one step from x with
+The fold. ComfyUI's first-order deterministic step from x with denoised D is
+    x_next = x + (sigma_next - sigma) (x - D) / sigma = r x + (1 - r) D,   r = sigma_next / sigma,
+for every parameterisation (k-diffusion `euler`; ComfyUI's `ddim` is that same Euler step). For "ve"
+it is DDIM with eta 0; for "flow" (x - D) / sigma = eps - x0 is the flow's velocity, so it is the
+flow's Euler step - the same formula, whatever the schedule's shift (the shift only moves the sigmas).
+Stepping each window from its moved latent x - delta_i and merging equals one step from x with
     D_eff = merge_i D_i(x - delta_i) - r / (1 - r) * merge_i delta_i,
-so the update folds into the denoised output the sampler sees: exact for euler and ddim. The merge is
-any plan's: sum_i c_i m_i (.) / sum_i c_i m_i, signed DiffCollage coefficients included, since the
-step is linear and the coefficients on a cell sum to 1.
+so the update folds into the denoised output the sampler sees: exact for euler and ddim in both
+parameterisations. The merge is any plan's: sum_i c_i m_i (.) / sum_i c_i m_i, signed DiffCollage
+coefficients included, since the step is linear and the coefficients on a cell sum to 1.
 
 Factor graphs. Only factors (windows) are synced toward the anchor factor. A variable (an overlap,
 or any intersection of factors) is not compared with the anchor: it is the same cells as the factors
@@ -32,8 +41,8 @@ decoder and LPIPS only. The denoiser's Jacobian J, which the exact gradient J^T 
 replaced by its Rayleigh quotient along g, estimated from that same evaluation: for a denoiser that is
 linear along g (the optimal one for Gaussian data, where g is an eigen-direction of J, e.g. a window's
 global style), <D(x), g> = <J x, g> = kappa <x, g>, so kappa = <D(x), g> / <x, g>, clamped to the range
-an optimal denoiser's eigenvalues take ([0, 1] for x = x0 + sigma eps). Then grad_x L ~ kappa g, the move
-is delta = w (1 + sigma^2) kappa g, and a moved window's prediction is D(x - delta) ~ D(x) - kappa delta:
+an optimal denoiser's eigenvalues take ([0, 1 / alpha]). Then grad_x L ~ kappa g, the move is
+delta = w c^2 kappa g, and a moved window's prediction is D(x - delta) ~ D(x) - kappa delta:
     D_eff = merge_i D_i(x) - merge_i kappa_i delta_i - r / (1 - r) * merge_i delta_i.
 (The identity, kappa = 1, overshoots wherever the signal's variance along g is small next to sigma^2;
 on the analytic test bed's global style kappa is exact, tests/test_testbed.py.)
@@ -120,9 +129,22 @@ def noise_level(sigma: float, percent_to_sigma: Callable[[float], float]) -> flo
     return (lo + hi) / 2
 
 
-def ve_step_scale(sigma: float) -> float:
-    """(1 + sigma^2): the paper's VP-space step size in ComfyUI's VE space (see module doc)."""
-    return 1.0 + float(sigma) ** 2
+PARAMETERISATIONS = ("ve", "flow")
+
+
+def step_scale(parameterisation: str, sigma: float) -> float:
+    """alpha^2 + sigma^2: the paper's variance-preserving step size in the sampler's space (see module doc)."""
+    sigma = float(sigma)
+    if parameterisation == "ve":
+        return 1.0 + sigma ** 2
+    if parameterisation == "flow":
+        return (1.0 - sigma) ** 2 + sigma ** 2
+    raise ValueError(f"unknown parameterisation {parameterisation!r}; known: {', '.join(PARAMETERISATIONS)}")
+
+
+def signal_scale(parameterisation: str, sigma: float) -> float:
+    """alpha in x = alpha x0 + sigma eps: 1 ("ve"), 1 - sigma ("flow")."""
+    return 1.0 - float(sigma) if parameterisation == "flow" else 1.0
 
 
 def lpips_input(decoded: torch.Tensor) -> torch.Tensor:
@@ -151,12 +173,12 @@ def identity_through(x0: torch.Tensor) -> Callable:
 
 
 def sync_deltas(latents: dict[int, torch.Tensor], batches: list[tuple[int, ...]], weight: float, sigma: float,
-                gradient: Callable[[tuple, torch.Tensor], tuple], step_scale: Callable[[float], float] = ve_step_scale
+                gradient: Callable[[tuple, torch.Tensor], tuple], parameterisation: str = "ve"
                 ) -> tuple[dict[int, torch.Tensor], list[int]]:
-    """delta_i = w_t * step_scale(sigma) * grad_i for every window in `batches` (each batch one gradient
-    graph, windows stacked along dim 0 as `latents` are: (B, C, h, w) each). A window whose loss or
-    gradient is not finite gets no update; its index is returned so the caller can warn."""
-    scale = weight * step_scale(sigma)
+    """delta_i = w_t * step_scale(parameterisation, sigma) * grad_i for every window in `batches` (each batch
+    one gradient graph, windows stacked along dim 0 as `latents` are: (B, C, h, w) each). A window whose loss
+    or gradient is not finite gets no update; its index is returned so the caller can warn."""
+    scale = weight * step_scale(parameterisation, sigma)
     deltas, skipped = {}, []
     for batch in batches:
         values, grad = gradient(batch, torch.cat([latents[i] for i in batch]))

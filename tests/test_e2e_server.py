@@ -135,6 +135,7 @@ class ComfyServer:
             if (host / "custom_nodes").is_dir() else False
         lines = ["controlsync_e2e:", "  is_default: true",
                  f"  checkpoints: {assets.checkpoints}", f"  controlnet: {assets.controlnet}", f"  lpips: {lpips}"]
+        lines += [f"  {kind}: {folder}" for kind, folder in getattr(assets, "extra_folders", {}).items()]
         if not already_installed:
             (root / "custom_nodes" / "ControlSync").symlink_to(PACK_DIR, target_is_directory=True)
             lines.append(f"  custom_nodes: {root / 'custom_nodes'}")

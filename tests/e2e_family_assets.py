@@ -1,0 +1,215 @@
+"""Model files for the SDXL and Flux workflows' end-to-end runs, built once and cached in tests/.cache/e2e_families/.
+
+Random seeded weights (fp16) under the standard file names the shipped workflows use, in layouts ComfyUI's
+own loaders accept (written with ComfyUI's own save helpers):
+
+* `sd_xl_base_1.0.safetensors` (CheckpointLoaderSimple): model detection matches SDXL only with its real
+  model_channels (320), context width (2048), size-conditioning width (2816) and transformer depths
+  [0, 0, 2, 2, 10, 10]; the UNet keeps those and is cut elsewhere (channel_mult [1, 1, 1], no transformers on
+  the way up). The text encoders are full size: SDXL's loader has one fixed config each for CLIP-L and
+  CLIP-G (~1.6 GB of the ~1.9 GB); the VAE has the standard SD layout.
+* `controlnet-canny-sdxl-1.0.safetensors` (ControlNetLoader): a ControlNet with that UNet's settings.
+* `flux1-dev.safetensors` (UNETLoader): Flux detection fixes the width (3072, 24 heads, 4096-wide text);
+  depth is read from the file: one double-stream block, no single-stream block (~0.8 GB).
+* `flux-canny-controlnet-v3.safetensors` (ControlNetLoader): an XLabs Flux ControlNet, one double block.
+* `ae.safetensors` (VAELoader): Flux's 16-channel VAE layout.
+* `clip_l.safetensors`: CLIP-L, full size (its loader's fixed config).
+
+Not built: `t5xxl_fp16.safetensors`. Flux's text encoder loader (DualCLIPLoader, type flux) takes T5-XXL
+with a fixed config (4.7 B parameters, 9.5 GB in fp16, 4.9 GB in fp8); no smaller T5 is accepted for Flux.
+The end-to-end run swaps the workflow's DualCLIPLoader (clip_l + t5xxl, flux) for ComfyUI's CLIPLoader with
+the same clip_l file as type sd3, which ComfyUI accepts and which gives Flux what it reads: 4096-wide token
+embeddings (CLIP-L's, zero-padded) and CLIP-L's pooled vector first in the pooled output. Everything else in
+the workflow runs as shipped.
+
+    python tests/e2e_family_assets.py     # build the cache
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent
+CACHE = TESTS / ".cache" / "e2e_families"
+ASSET_VERSION = 1
+SEED = 20251012
+
+SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
+SDXL_CONTROLNET = "controlnet-canny-sdxl-1.0.safetensors"
+FLUX_UNET = "flux1-dev.safetensors"
+FLUX_CONTROLNET = "flux-canny-controlnet-v3.safetensors"
+FLUX_VAE = "ae.safetensors"
+CLIP_L = "clip_l.safetensors"
+T5XXL = "t5xxl_fp16.safetensors"  # named by the Flux workflow; not built (see above)
+
+# every model file the SDXL and Flux workflows name -> its model folder (merged into tests/e2e_assets.py's
+# stand-in mapping where one exists); T5XXL has no stand-in: the Flux run swaps its loader
+STAND_INS = {
+    SDXL_CHECKPOINT: "checkpoints",
+    SDXL_CONTROLNET: "controlnet",
+    FLUX_UNET: "diffusion_models",
+    FLUX_CONTROLNET: "controlnet",
+    FLUX_VAE: "vae",
+    CLIP_L: "text_encoders",
+}
+
+SDXL_UNET = {
+    "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "out_channels": 4, "model_channels": 320,
+    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "transformer_depth_output": [0] * 9,
+    "channel_mult": [1, 1, 1], "transformer_depth_middle": -1, "use_linear_in_transformer": True, "context_dim": 2048,
+    "num_head_channels": 64, "num_heads": -1, "use_temporal_resblock": False, "use_temporal_attention": False,
+}
+FLUX_CONFIG = {
+    "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096,
+    "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 1, "depth_single_blocks": 0,
+    "axes_dim": [16, 56, 56], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
+}
+SD_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+          "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+
+
+class Assets:
+    def __init__(self, root: Path):
+        self.root = root
+        self.manifest = root / "manifest.json"
+
+    def path(self, name: str) -> Path:
+        return self.root / STAND_INS[name] / name
+
+    def files(self):
+        return [self.path(n) for n in STAND_INS]
+
+    @property
+    def folders(self) -> dict:
+        """Model folder kind -> directory, for extra_model_paths.yaml."""
+        return {kind: self.root / kind for kind in sorted(set(STAND_INS.values()))}
+
+    def valid(self) -> bool:
+        try:
+            manifest = json.loads(self.manifest.read_text())
+        except (OSError, ValueError):
+            return False
+        return manifest.get("version") == ASSET_VERSION and all(
+            f.is_file() and f.stat().st_size == manifest["sizes"].get(f.name) for f in self.files())
+
+
+def ensure_family_assets(host: Path, python: str | None = None, root: Path = CACHE) -> Assets:
+    from e2e_assets import _locked
+    assets = Assets(root)
+    if assets.valid():
+        return assets
+    with _locked(root.parent / "e2e_families.lock"):
+        if assets.valid():
+            return assets
+        t0 = time.time()
+        cmd = [python or sys.executable, str(Path(__file__).resolve()), "--build", str(root), "--host", str(host)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0 or not assets.valid():
+            raise RuntimeError(f"building the family e2e assets failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                               f"{proc.stderr[-4000:]}")
+        print(f"[e2e_family_assets] built {root} in {time.time() - t0:.1f}s", file=sys.stderr)
+    return assets
+
+
+# ---------------------------------------------------------------------------------------------------
+# Everything below runs in the builder subprocess (host python, host on sys.path).
+
+def build(root: Path, host: Path) -> None:
+    sys.path.insert(0, str(host))
+    sys.path.insert(0, str(TESTS))
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    import torch
+    import comfy.cldm.cldm
+    import comfy.ldm.flux.controlnet
+    import comfy.ldm.models.autoencoder
+    import comfy.ops
+    import comfy.sd1_clip
+    import comfy.sdxl_clip
+    import comfy.supported_models
+    import comfy.utils
+    from e2e_assets import _fp16, _init_weights
+
+    assets = Assets(root)
+    ops = comfy.ops.disable_weight_init
+
+    def save(sd, name):
+        path = assets.path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        comfy.utils.save_torch_file(_fp16(sd), str(path))
+
+    with torch.inference_mode(False):
+        torch.manual_seed(SEED)
+        # SDXL checkpoint: UNet + CLIP-L + CLIP-G + VAE, in the layout ComfyUI saves checkpoints in
+        config = comfy.supported_models.SDXL(dict(SDXL_UNET))
+        config.set_inference_dtype(torch.float32, None)
+        model = config.get_model({}, device="cpu")
+        _init_weights(model.diffusion_model, SEED)
+        clip = comfy.sdxl_clip.SDXLClipModel(device="cpu", dtype=torch.float32)
+        _init_weights(clip, SEED + 1)
+        vae = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=dict(SD_VAE), embed_dim=4)
+        _init_weights(vae, SEED + 2)
+        save(model.state_dict_for_saving(clip.state_dict(), vae.state_dict()), SDXL_CHECKPOINT)
+        del model, clip, vae
+
+        unet = {k: v for k, v in SDXL_UNET.items()
+                if k not in ("out_channels", "transformer_depth_output", "use_temporal_resblock", "use_temporal_attention")}
+        control = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=ops, dtype=torch.float32, device="cpu", **unet)
+        _init_weights(control, SEED + 3)
+        save({"control_model." + k: v for k, v in control.state_dict().items()}, SDXL_CONTROLNET)
+        del control
+
+        # Flux: diffusion model (UNETLoader's layout), XLabs ControlNet, VAE, CLIP-L
+        flux = comfy.supported_models.Flux(dict(FLUX_CONFIG))
+        flux.set_inference_dtype(torch.float32, None)
+        model = flux.get_model({}, device="cpu")
+        _init_weights(model.diffusion_model, SEED + 4)
+        save(model.diffusion_model.state_dict(), FLUX_UNET)
+        del model
+
+        config = {k: v for k, v in FLUX_CONFIG.items() if k != "image_model"}
+        control = comfy.ldm.flux.controlnet.ControlNetFlux(mistoline=False, operations=ops, device="cpu",
+                                                           dtype=torch.float32, **config)
+        _init_weights(control, SEED + 5)
+        save(control.state_dict(), FLUX_CONTROLNET)
+        del control
+
+        vae = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=dict(SD_VAE, z_channels=16), embed_dim=16)
+        _init_weights(vae, SEED + 6)
+        save(vae.state_dict(), FLUX_VAE)
+        del vae
+
+        clip_l = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)
+        _init_weights(clip_l, SEED + 7)
+        save(clip_l.transformer.state_dict(), CLIP_L)
+
+    assets.manifest.write_text(json.dumps({"version": ASSET_VERSION, "host": str(host),
+                                           "sizes": {f.name: f.stat().st_size for f in assets.files()}}, indent=1))
+
+
+def main(argv=None) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--build", metavar="DIR", help="(internal) build the cache into DIR in this process")
+    ap.add_argument("--host", help="ComfyUI host directory")
+    args = ap.parse_args(argv)
+    if args.build:
+        build(Path(args.build), Path(args.host))
+        return 0
+    sys.path.insert(0, str(TESTS))
+    from comfy_host import find_host
+    host = Path(args.host) if args.host else find_host()
+    if host is None:
+        print("no ComfyUI host found (set COMFYUI_PATH)", file=sys.stderr)
+        return 2
+    for f in ensure_family_assets(host).files():
+        print(f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,761 @@
+"""Every model family through the same nodes, inside the real ComfyUI, on tiny seeded models
+(tests/tiny_families.py): SDXL eps and v-prediction, SD3.5, Flux and Qwen-Image, each with the ControlNets
+of its kind (and Flux Tools' concat conditioning).
+
+Per family: one full-canvas window equals KSampler bit for bit; the hint (or concat latent) reaching each
+window's ControlNet is the window's crop of the canvas condition (hooks on the real modules); windows sit on
+the model's patch grid and are images of their own (positions); AnchorSync steps in the model's own
+parameterisation, equal to the paper's algorithm written out below (float64) and to finite differences of
+its loss, and lowers the windows' LPIPS to the anchor; a factor-graph loop has no seam.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lpips_weights import BACKBONE_FILES
+
+LPIPS_DIR = Path(__file__).resolve().parent / ".cache" / "lpips"  # shared with test_sync.py
+CANVAS_PX = (64, 192)
+LATENT_HW = (8, 24)
+STARTS = [0, 4, 8, 12, 16]  # 64 px windows every 32 px, in latent cells
+
+# (family, control): every ControlNet kind of each family; "concat" is Flux Tools' concatenated condition latent
+CASES = [("sdxl", "controlnet"), ("sdxl", "control_lora"), ("sdxl_v", "controlnet"), ("sd35", "sd35"),
+         ("flux", "instantx"), ("flux", "union"), ("flux", "xlabs"), ("flux", "concat"), ("qwen", "qwen")]
+CFG = {"sdxl": 5.0, "sdxl_v": 5.0, "sd35": 4.0, "flux": 1.0, "qwen": 2.5}
+DEFAULT_CONTROL = {"sdxl": "controlnet", "sdxl_v": "controlnet", "sd35": "sd35", "flux": "instantx", "qwen": "qwen"}
+PATCH = {"sdxl": 1, "sdxl_v": 1, "sd35": 2, "flux": 2, "qwen": 2}
+PIXEL_HINTS = ("controlnet", "control_lora", "xlabs")  # the rest encode the hint with the VAE
+
+
+@pytest.fixture(scope="module")
+def f(comfy):
+    import comfy.patcher_extension
+    import folder_paths
+    import nodes
+    import lpips_weights
+    import tiny_families as tf
+    import tiny_models as tm
+    from controlsync.nodes import bridge
+    from controlsync.nodes.anchor_sync import AnchorSync
+    from controlsync.nodes.controlsync_sampler import ControlSyncSampler
+    from controlsync.nodes.factor_graph_collage import FactorGraphCollage
+    from controlsync.nodes.window_planner import WindowPlanner
+    from controlsync.nodes.windowed_model import ControlSyncWindowedModel
+
+    lpips_weights.write_lpips_backbones(LPIPS_DIR)
+    folder_paths.add_model_folder_path("lpips", str(LPIPS_DIR))
+
+    class F:
+        pass
+    f = F()
+    f.nodes, f.tf, f.tm, f.pe, f.bridge = nodes, tf, tm, comfy.patcher_extension, bridge
+    f.Planner, f.Sampler, f.Sync, f.Collage, f.Windowed = (WindowPlanner, ControlSyncSampler, AnchorSync,
+                                                           FactorGraphCollage, ControlSyncWindowedModel)
+    f.image = tm.condition_image(*CANVAS_PX)
+    f.plan = WindowPlanner.execute(192, 64, 64, 64, 32, "first", 0, "uniform").args[0]
+    f.full = WindowPlanner.execute(192, 64, 192, 64, 8, "first", 0, "uniform").args[0]
+    f.worlds = {}
+    return f
+
+
+# --- the worlds ----------------------------------------------------------------------------------
+
+def to_dtype(world, dtype):
+    """Models, ControlNet, VAE and conditioning in `dtype` (float64 for the exact checks)."""
+    base = world["model"].model
+    base.to(dtype)
+    base.diffusion_model.dtype = dtype
+    base.manual_cast_dtype = None
+    base.model_config.unet_config["dtype"] = dtype
+    control = world["control"]
+    if getattr(control, "control_model", None) is not None:
+        control.control_model.to(dtype)
+        control.control_model.dtype = dtype
+    world["vae"].first_stage_model.to(dtype)
+    world["vae"].vae_dtype = dtype
+
+
+def build(f, family, control="default", dtype=torch.float32, inference=True):
+    """Model, VAE, ControlNet and conds of a family; under inference mode as ComfyUI's executor builds them,
+    or plain tensors for the reference loop (same seeds, same weights)."""
+    import comfy_extras.nodes_controlnet as ncn
+    import comfy_extras.nodes_flux as nflux
+    from comfy_extras.nodes_ip2p import InstructPixToPixConditioning
+    tf = f.tf
+    control = DEFAULT_CONTROL[family] if control == "default" else control
+    ctx = torch.inference_mode() if inference else torch.no_grad()
+    with ctx:
+        world = {"family": family, "kind": control, "dtype": dtype, "cfg": CFG[family]}
+        world["model"] = tf.model(family, in_channels=32 if control == "concat" else None)
+        world["vae"] = tf.vae(family)
+        world["control"] = {"controlnet": tf.sdxl_controlnet, "control_lora": tf.sdxl_control_lora,
+                            "sd35": tf.sd35_controlnet, "qwen": tf.qwen_controlnet, "concat": lambda: None,
+                            "instantx": lambda: tf.flux_controlnet("instantx"), "union": lambda: tf.flux_controlnet("union"),
+                            "xlabs": lambda: tf.flux_controlnet("xlabs")}[control]()
+        if control == "union":
+            world["control"] = ncn.SetUnionControlNetType().set_controlnet_type(world["control"],
+                                                                                "canny/lineart/anime_lineart/mlsd")[0]
+        if dtype != torch.float32:
+            to_dtype(world, dtype)
+
+        def cast(cond):
+            return [[t.to(dtype), {k: (v.to(dtype) if torch.is_tensor(v) else v) for k, v in d.items()}] for t, d in cond]
+        if family == "flux":  # cfg 1 with FluxGuidance; the negative is never evaluated at cfg 1
+            pos = nflux.FluxGuidance.execute(cast(tf.text_cond(family, 10, guidance=None)), 3.5).args[0]
+            neg = f.nodes.ConditioningZeroOut().zero_out(pos)[0]
+        else:
+            pos, neg = cast(tf.text_cond(family, 10)), cast(tf.text_cond(family, 11))
+        world["pos_text"], world["neg_text"] = pos, neg
+        image = f.image.to(dtype)
+        if control == "concat":
+            pos, neg, _ = InstructPixToPixConditioning.execute(pos, neg, image, world["vae"]).args
+        else:
+            pos, neg = f.nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, world["control"], image, 1.0, 0.0,
+                                                                          1.0, vae=world["vae"])
+        world["pos"], world["neg"] = pos, neg
+        channels = world["model"].model.latent_format.latent_channels
+        world["latent"] = {"samples": torch.zeros(1, channels, *LATENT_HW, dtype=dtype)}
+    return world
+
+
+def world(f, family, control="default"):
+    key = (family, control)
+    if key not in f.worlds:
+        f.worlds[key] = build(f, family, control)
+    return f.worlds[key]
+
+
+def sample(f, w, plan=None, sync=None, sampler="euler", scheduler="simple", steps=3, seed=5, pos=None, neg=None, batch=0):
+    with torch.inference_mode():
+        return f.Sampler.execute(w["model"], seed, steps, w["cfg"], sampler, scheduler, pos or w["pos"], neg or w["neg"],
+                                 w["latent"], plan or f.plan, 1.0, batch, sync).args[0]["samples"]
+
+
+def ksampler(f, w, sampler="euler", scheduler="simple", steps=3, seed=5):
+    with torch.inference_mode():
+        return f.nodes.common_ksampler(w["model"], seed, steps, w["cfg"], sampler, scheduler, w["pos"], w["neg"],
+                                       w["latent"])[0]["samples"]
+
+
+def sync_settings(f, w, weight=20.0, decay=0.95, steps=50):
+    with torch.inference_mode():
+        return f.Sync.execute(w["vae"], weight, decay, steps, "alex", "exact").args[0]
+
+
+# --- parameterisation ----------------------------------------------------------------------------
+
+def test_step_scale_is_alpha_squared_plus_sigma_squared(comfy):
+    from controlsync.sampling.sync import step_scale
+    assert step_scale("ve", 2.0) == 5.0 and step_scale("ve", 0.0) == 1.0
+    assert step_scale("flow", 0.25) == 0.625 and step_scale("flow", 1.0) == 1.0 and step_scale("flow", 0.5) == 0.5
+    with pytest.raises(ValueError, match="unknown parameterisation 'x0'"):
+        step_scale("x0", 1.0)
+
+
+def test_parameterisation_is_read_from_the_model(f):
+    import comfy.model_sampling
+    import comfy_extras.nodes_model_advanced as adv
+    expected = {"sdxl": "ve", "sdxl_v": "ve", "sd35": "flow", "flux": "flow", "qwen": "flow"}
+    for family, name in expected.items():
+        model = f.tf.model(family)
+        assert f.bridge.parameterisation(model) == name, family
+        assert f.bridge.parameterisation(model.model) == name, family
+    sdxl = f.tf.model("sdxl")
+    assert isinstance(f.tf.model("sdxl_v").model.model_sampling, comfy.model_sampling.V_PREDICTION)
+    # ModelSampling* nodes patch model_sampling on a clone: the patched one is what counts
+    assert f.bridge.parameterisation(adv.ModelSamplingSD3().patch(sdxl, 3.0)[0]) == "flow"
+    assert f.bridge.parameterisation(adv.ModelSamplingDiscrete().patch(sdxl, "v_prediction", False)[0]) == "ve"
+    assert f.bridge.parameterisation(sdxl) == "ve"
+
+    class CosmosSampling(comfy.model_sampling.ModelSamplingContinuousEDM, comfy.model_sampling.COSMOS_RFLOW):
+        pass
+    cosmos = sdxl.clone()
+    cosmos.add_object_patch("model_sampling", CosmosSampling(sdxl.model.model_config))
+    w = world(f, "sdxl")
+    with pytest.raises(ValueError, match=r"sync: AnchorSync .* this MODEL samples with ModelSamplingContinuousEDM \+ "
+                                         r"COSMOS_RFLOW\. Sample it without AnchorSync"):
+        sample(f, dict(w, model=cosmos), sync=sync_settings(f, w))
+    with pytest.raises(ValueError, match="COSMOS_RFLOW"):
+        f.Windowed.execute(cosmos, f.plan, 0, sync_settings(f, w))
+    assert f.Windowed.execute(cosmos, f.plan, 0).args[0] is not None  # without sync any parameterisation samples
+
+
+# --- one window = KSampler -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("family,control", CASES)
+def test_one_full_window_equals_ksampler_bit_for_bit(f, family, control):
+    w = world(f, family, control)
+    ref = ksampler(f, w)
+    ours = sample(f, w, plan=f.full)
+    windows = sample(f, w)
+    print(f"[families] {family}/{control}: one full-canvas window vs KSampler: max |diff| "
+          f"{(ours - ref).abs().max().item():.1e} (bit-equal {torch.equal(ours, ref)})")
+    assert torch.equal(ours, ref)
+    assert windows.shape == ref.shape and bool(torch.isfinite(windows).all()) and not torch.equal(windows, ref)
+
+
+def test_flux_basic_guider_windowed_equals_sampler_node(f):
+    """Flux's custom-sampling graph: BasicGuider (no negative), FluxGuidance, SamplerCustomAdvanced on the
+    windowed model; one full window equals the plain graph, and windows equal ControlSync Sampler at cfg 1."""
+    import comfy_extras.nodes_custom_sampler as cs
+    w = world(f, "flux")
+
+    def custom(model):
+        with torch.inference_mode():
+            guider = cs.BasicGuider().get_guider(model, w["pos"])[0]
+            sigmas = cs.BasicScheduler().get_sigmas(model, "simple", 3, 1.0)[0]
+            return cs.SamplerCustomAdvanced().sample(cs.RandomNoise().get_noise(5)[0], guider,
+                                                     cs.KSamplerSelect().get_sampler("euler")[0], sigmas,
+                                                     w["latent"])[0]["samples"]
+    with torch.inference_mode():
+        full = f.Windowed.execute(w["model"], f.full, 0).args[0]
+        windowed = f.Windowed.execute(w["model"], f.plan, 0).args[0]
+    assert torch.equal(custom(full), custom(w["model"]))
+    assert torch.equal(custom(windowed), sample(f, w))
+
+
+# --- the condition reaching each window ----------------------------------------------------------
+
+def canvas_pixels(f, control):
+    """The condition image at canvas size, resized the way ComfyUI resizes it for a full-canvas call."""
+    import comfy.utils
+    return comfy.utils.common_upscale(f.image.movedim(-1, 1), CANVAS_PX[1], CANVAS_PX[0],
+                                      getattr(control, "upscale_algorithm", "nearest-exact"), "center")
+
+
+def _hooked_modules(w):
+    """The real modules a window's condition enters: the ControlNet's network (a Control-LoRA builds its
+    network when sampling starts: every cldm ControlNet forward), or Flux Tools' diffusion model."""
+    import comfy.cldm.cldm
+    if w["kind"] == "concat":
+        return lambda m: m is w["model"].model.diffusion_model
+    if w["kind"] == "control_lora":
+        return lambda m: isinstance(m, comfy.cldm.cldm.ControlNet)
+    return lambda m: m is w["control"].control_model
+
+
+@pytest.mark.parametrize("family,control", CASES)
+def test_condition_reaching_each_window_is_its_crop_of_the_canvas_condition(f, family, control):
+    """Hook on the real module: the hint each window's ControlNet gets is the window's crop of the canvas hint
+    (pixels), or ComfyUI's VAE encoding of that pixel crop (ControlNets taking latents: each window is its own
+    image); for Flux Tools, the condition latent concatenated to each window is the window's crop of the canvas
+    condition latent."""
+    w = world(f, family, control)
+    hits = []
+    wanted = _hooked_modules(w)
+
+    def hook(module, args, kwargs, out):
+        if wanted(module):
+            hits.append(args[0][:, 16:].clone() if w["kind"] == "concat" else kwargs["hint"].clone())
+    handle = torch.nn.modules.module.register_module_forward_hook(hook, with_kwargs=True)
+    try:
+        sample(f, w, steps=1, batch=1)
+    finally:
+        handle.remove()
+    assert len(hits) == len(STARTS)
+    vae, base = w["vae"], w["model"].model
+    with torch.inference_mode():
+        if control == "concat":
+            canvas = base.process_latent_in(vae.encode(f.image))
+        pixels = canvas_pixels(f, w["control"])
+        for start, hint in zip(STARTS, hits):
+            if control == "concat":
+                expected = canvas[..., start:start + 8]
+            elif control in PIXEL_HINTS:
+                expected = pixels[..., start * 8:(start + 8) * 8]
+            else:
+                crop = pixels[..., start * 8:(start + 8) * 8]
+                expected = w["control"].latent_format.process_in(vae.encode(crop.movedim(1, -1)))
+            assert hint.shape[-2:] == expected.shape[-2:] == (8, 8) if control not in PIXEL_HINTS else True
+            assert torch.equal(hint[0], expected[0].to(hint.dtype)), (family, control, start)
+
+
+# --- patch grid and positions ------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["sdxl", "sd35", "flux", "qwen"])
+def test_windows_sit_on_the_models_patch_grid(f, family):
+    """latent_geometry reads the model's patch size; window sizes, strides and overlaps are laid out in whole
+    patches, so every window's tokens are the canvas's tokens; a canvas off the patch grid is refused."""
+    model = world(f, family)["model"]
+    patch = PATCH[family]
+    assert f.bridge.latent_geometry(model) == (8, patch)
+    odd = f.Planner.execute(192, 64, 56, 64, 24, "first", 0, "uniform").args[0]  # 7-cell windows, 3-cell stride
+    loop = f.Collage.execute("cycle", 192, 64, 64, 64, 40, "horizontal", 0).args[0]  # 5-cell overlap
+    for plan in (odd, loop):
+        layout = f.bridge.layout_for(plan, model, (1, 16) + LATENT_HW)
+        for region in layout.regions:
+            assert all(v % patch == 0 for p in region.pieces for v in p.src + p.size), (family, region)
+    with pytest.raises(ValueError, match="patch") if patch > 1 else _no_error():
+        f.bridge.layout_for(f.Planner.execute(200, 64, 64, 64, 32, "first", 0, "uniform").args[0], model, (1, 16, 8, 25))
+
+
+class _no_error:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _recorded_ids(module, run):
+    """The position ids a RoPE embedder gets, per call (Flux and Qwen-Image: EmbedND(ids))."""
+    calls = []
+    handle = module.register_forward_hook(lambda m, args, out: calls.append(args[0].clone()))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return calls
+
+
+@pytest.mark.parametrize("family", ["flux", "qwen"])
+def test_dit_windows_get_the_positions_of_an_image_of_their_own(f, family):
+    """Every window is a model-sized image of its own (window-local RoPE positions), as MultiDiffusion does for
+    UNets: the image position ids each window's model call gets are exactly those of a plain KSampler run on a
+    window-sized latent; the windows are not at canvas positions (the second window's ids equal the first's)."""
+    w = world(f, family)
+    embedder = w["model"].model.diffusion_model.pe_embedder
+    windowed = _recorded_ids(embedder, lambda: sample(f, w, steps=1, batch=1))
+    standalone_world = dict(w, latent={"samples": torch.zeros(1, w["latent"]["samples"].shape[1], 8, 8)},
+                            pos=w["pos_text"], neg=w["neg_text"])
+    alone = _recorded_ids(embedder, lambda: ksampler(f, standalone_world, steps=1))
+    tokens = 4 * 4  # an 8x8-cell window in 2x2 patches
+    assert len(windowed) == len(STARTS) and len(alone) == 1
+    for ids in windowed:
+        assert torch.equal(ids[:, -tokens:], alone[0][:1, -tokens:].expand(ids.shape[0], -1, -1))
+
+
+# --- AnchorSync in each parameterisation: the paper's algorithm, written out -------------------------
+
+def paper_step_scale(family, sigma):
+    """The paper steps the variance-preserving latent z = x / sqrt(alpha^2 + sigma^2) of the sampler's
+    x = alpha x0 + sigma eps: eps and v-prediction models sample x = x0 + sigma eps (alpha = 1), flow models
+    x = (1 - sigma) x0 + sigma eps; z <- z - w grad_z L is x <- x - w (alpha^2 + sigma^2) grad_x L."""
+    s = float(sigma)
+    alpha = 1.0 if family in ("sdxl", "sdxl_v") else 1.0 - s
+    return alpha ** 2 + s ** 2
+
+
+def keep_saved_activations():
+    """ComfyUI's model code adds in place to activations autograd saved (Flux's blocks, DiT ControlNet
+    residuals): backward needs copies of them (values are unchanged)."""
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone() if t.requires_grad else t, lambda t: t)
+
+
+class Reference:
+    """SyncDiffusion's Algorithm 1 on a family's ComfyUI model objects, with no pack code: every window is
+    its own image denoised by ComfyUI's own cond processing and CFG (its ControlNet fed the window's crop of
+    the condition, SDXL's size conditioning that of a crop of the canvas), the anchor decoded without
+    gradient, every other window moved by one step of its LPIPS gradient in the model's parameterisation,
+    each window's Euler step taken from its moved latent and the windows averaged."""
+
+    def __init__(self, f, w):
+        import lpips
+        self.f, self.w = f, w
+        self.model = w["model"].model
+        w["model"].pre_run()  # what sampling does first: the model knows its patcher
+        self.dtype = w["dtype"]
+        self.patches = {"patches": {"input_block_patch_after_skip": [lambda h, o: h.clone()]}}
+        self.lpips = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)
+        state = torch.load(LPIPS_DIR / BACKBONE_FILES["alex"], weights_only=True)
+        for block in self.lpips.net.children():
+            for index, layer in block.named_children():
+                for name, p in layer.named_parameters():
+                    p.data.copy_(state[f"features.{index}.{name}"])
+        self.lpips = self.lpips.eval().requires_grad_(False).to(self.dtype)
+        self.conds = {}
+
+    def window_conds(self, k):
+        """ComfyUI's processed conds for window k, as for a KSampler run on the window alone."""
+        import comfy.sampler_helpers
+        import comfy.samplers
+        if k in self.conds:
+            return self.conds[k]
+        w, start = self.w, STARTS[k]
+        pos, neg = w["pos_text"], w["neg_text"]
+        if w["family"] in ("sdxl", "sdxl_v"):  # a crop of the canvas: canvas size, crop offset, window size
+            size = {"width": CANVAS_PX[1], "height": CANVAS_PX[0], "crop_w": start * 8, "crop_h": 0,
+                    "target_width": 64, "target_height": 64}
+            pos, neg = ([[t, dict(d, **size)] for t, d in c] for c in (pos, neg))
+        crop = canvas_pixels(self.f, w["control"])[..., start * 8:(start + 8) * 8].movedim(1, -1).to(self.dtype)
+        pos, neg = self.f.nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, w["control"], crop, 1.0, 0.0, 1.0,
+                                                                           vae=w["vae"])
+        noise = torch.zeros(self.window_shape(), dtype=self.dtype)
+        conds = {"positive": comfy.sampler_helpers.convert_cond(pos), "negative": comfy.sampler_helpers.convert_cond(neg)}
+        self.conds[k] = comfy.samplers.process_conds(self.model, noise, conds, "cpu", latent_image=noise, seed=5)
+        return self.conds[k]
+
+    def window_shape(self):
+        shape = list(self.w["latent"]["samples"].shape)
+        shape[-1] = 8
+        if self.model.latent_format.latent_dimensions == 3:
+            shape.insert(2, 1)
+        return shape
+
+    def denoise(self, x, sigma, k):
+        import comfy.samplers
+        conds = self.window_conds(k)
+        t = sigma.reshape(1).to(x.dtype).expand(x.shape[0])
+        return comfy.samplers.sampling_function(self.model, x, t, conds["negative"], conds["positive"], self.w["cfg"],
+                                                model_options={"transformer_options": self.patches}, seed=5)
+
+    def image(self, x0):
+        image = self.w["vae"].first_stage_model.decode(self.model.latent_format.process_out(x0))
+        if image.ndim == 5:  # a video VAE: one frame
+            image = image[:, :, 0]
+        return image.clamp(-1, 1)
+
+    def loss(self, x, sigma, k, anchor_image):
+        with keep_saved_activations():
+            return self.lpips(self.image(self.denoise(x, sigma, k)), anchor_image, normalize=False).sum()
+
+    def sample(self, steps, schedule, seed=5):
+        import comfy.sample
+        import comfy.samplers
+        sampling = self.model.model_sampling
+        sigmas = comfy.samplers.calculate_sigmas(sampling, "simple", steps)  # float32, as the sampler has them
+        latent = comfy.sample.fix_empty_latent_channels(self.w["model"], self.w["latent"]["samples"])
+        noise = comfy.sample.prepare_noise(latent, seed)
+        latent = self.model.process_latent_in(latent)
+        max_sigma = float(sampling.sigma_max)
+        max_denoise = abs(float(sigmas[0]) - max_sigma) <= 1e-5 * max_sigma or float(sigmas[0]) > max_sigma
+        x = sampling.noise_scaling(sigmas[0], noise, latent, max_denoise=max_denoise).to(self.dtype)
+        for i in range(steps):
+            sigma, sigma_next = sigmas[i], sigmas[i + 1]
+            windows = [x[..., s:s + 8].clone() for s in STARTS]
+            w_t = schedule.weight_at(i, steps)
+            moved = list(windows)
+            if w_t > 0:
+                with torch.no_grad():
+                    anchor_image = self.image(self.denoise(windows[0], sigma, 0))
+                for k in range(1, len(windows)):
+                    xk = windows[k].detach().requires_grad_(True)
+                    with torch.enable_grad():
+                        (g,) = torch.autograd.grad(self.loss(xk, sigma, k, anchor_image), xk)
+                    moved[k] = windows[k] - w_t * paper_step_scale(self.w["family"], sigma) * g
+            total, count = torch.zeros_like(x), torch.zeros_like(x)
+            for k, xk in enumerate(moved):
+                with torch.no_grad():
+                    d = self.denoise(xk, sigma, k)
+                # Euler (DDIM for eps and v; the flow's Euler step for flow models); the step size
+                # sigma_next - sigma is taken in float32, as k-diffusion takes it from the schedule
+                stepped = xk + (xk - d) / sigma * (sigma_next - sigma)
+                total[..., STARTS[k]:STARTS[k] + 8] += stepped
+                count[..., STARTS[k]:STARTS[k] + 8] += 1
+            x = total / count
+        # ComfyUI hands the sampled latent back in float32
+        return self.model.process_latent_out(sampling.inverse_noise_scaling(sigmas[-1], x).to(torch.float32))
+
+
+def world64(f, family):
+    key = (family, "float64")
+    if key not in f.worlds:
+        f.worlds[key] = (build(f, family, dtype=torch.float64), build(f, family, dtype=torch.float64, inference=False))
+    return f.worlds[key]
+
+
+# eps, v-prediction and flow (SD3.5: shift 3; Flux: cfg 1 with guidance; Qwen-Image: one-frame latents, Wan VAE)
+SYNC_FAMILIES = ["sdxl", "sdxl_v", "sd35", "flux", "qwen"]
+
+
+@pytest.mark.parametrize("family", SYNC_FAMILIES)
+def test_synced_run_equals_the_papers_algorithm_in_the_models_parameterisation(f, family):
+    from controlsync.sampling.sync import SyncSchedule
+    ours_world, plain = world64(f, family)
+    schedule = SyncSchedule(100.0, 0.95, 50)  # w 100: a clear pull on the tiny random models
+    ref = Reference(f, plain).sample(2, schedule)
+    ours = sample(f, ours_world, sync=sync_settings(f, ours_world, weight=100.0), batch=1, steps=2)
+    unsynced = sample(f, ours_world, batch=1, steps=2)
+    error = (ours - ref).abs().max().item()
+    moved = (ours - unsynced).abs().max().item()
+    print(f"[families] sync {family} (float64, returned in float32; euler/simple, 2 steps): max |pack - paper's loop| = {error:.2e} "
+          f"(relative {error / ref.abs().max().item():.1e}); sync moved the result by {moved:.3e}")
+    # float64 throughout; ComfyUI returns the latent in float32: equal up to that last rounding
+    ulp = 2 ** -23 * ref.abs().max().item()
+    assert error <= ulp
+    assert moved > 1000 * ulp  # the comparison is not vacuous
+
+
+class Recorder:
+    """Below the pack's wrapper: the latents each window is evaluated at (gradient passes, then the denoising pass)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, executor, model, conds, x, timestep, *args, **kwargs):
+        self.calls.append((x.detach().clone(), x.requires_grad, float(timestep[0])))
+        return executor(model, conds, x, timestep, *args, **kwargs)
+
+
+@pytest.mark.parametrize("family", SYNC_FAMILIES)
+def test_sync_gradient_matches_finite_differences_in_float64(f, family):
+    """The pack's update of a window, read below its wrapper and divided by w (alpha^2 + sigma^2), against
+    central differences of the loss written out in the test (float64 models, VAE and LPIPS)."""
+    ours, plain = world64(f, family)
+    weight, recorder = 0.5, Recorder()
+    windowed = f.bridge.windowed_model(ours["model"], f.plan, 1, sync_settings(f, ours, weight=weight, decay=1.0))
+    windowed.add_wrapper_with_key(f.pe.WrappersMP.CALC_COND_BATCH, "test.recorder", recorder)
+    with torch.inference_mode():
+        f.nodes.common_ksampler(windowed, 5, 1, ours["cfg"], "euler", "simple", ours["pos"], ours["neg"], ours["latent"])
+    calls = recorder.calls
+    graded = [i for i, c in enumerate(calls) if c[1]]
+    assert not calls[0][1] and len(graded) == len(STARTS) - 1  # anchor without graph, every other window with one
+    moved = [c[0] for c in calls[graded[-1] + 1:graded[-1] + 1 + len(STARTS)]]
+    sigma = torch.tensor(calls[0][2], dtype=torch.float64)
+    ref = Reference(f, plain)
+    with torch.no_grad():
+        anchor_image = ref.image(ref.denoise(calls[0][0], sigma, 0))
+    window = 2
+    x = calls[graded[window - 1]][0]
+    grad_pack = (x - moved[window]) / (weight * paper_step_scale(family, sigma))
+    assert grad_pack.abs().max() > 0
+    xg = x.clone().requires_grad_(True)
+    with torch.enable_grad():
+        (grad_ref,) = torch.autograd.grad(ref.loss(xg, sigma, window, anchor_image), xg)
+    exact = ((grad_pack - grad_ref).abs().max() / grad_ref.abs().max()).item()
+    assert exact < 1e-10  # the same gradient as autograd through the loss written out here
+    # directions: the gradient's own and two random ones, unit length; the error is relative to the gradient's
+    # norm (the largest directional derivative), so directions where the derivative is near 0 stay well-posed
+    g, eps, worst = torch.Generator().manual_seed(0), 1e-3, 0.0
+    norm = grad_pack.norm()
+    for v in [grad_pack / norm] + [torch.randn(x.shape, generator=g, dtype=torch.float64) for _ in range(2)]:
+        v = v / v.norm()
+        with torch.no_grad():
+            fd = (ref.loss(x + eps * v, sigma, window, anchor_image) - ref.loss(x - eps * v, sigma, window, anchor_image)) / (2 * eps)
+        worst = max(worst, abs(float(fd) - float((grad_pack * v).sum())) / float(norm))
+    print(f"[families] sync {family}: the pack's gradient vs autograd of the loss written here: relative {exact:.1e}; "
+          f"vs central differences (eps 1e-3; the gradient's direction and 2 random ones): worst error {worst:.1e} "
+          f"of |grad| (sigma {float(sigma):.4g}, step scale {paper_step_scale(family, sigma):.4g})")
+    # float64 end to end except that ComfyUI's BaseModel hands the network's output back in float32 (`.float()`
+    # in _apply_model): the loss carries float32 rounding, which central differences divide by eps
+    assert worst < 5e-3
+
+
+FAMILIES = ["sdxl", "sdxl_v", "sd35", "flux", "qwen"]
+
+
+def window_lpips_to_anchor(f, w, latent):
+    loss = f.bridge.load_lpips("alex", "cpu")
+    with torch.inference_mode():
+        images = w["vae"].decode(latent)
+        images = images.reshape(-1, *images.shape[-3:]).movedim(-1, 1) * 2 - 1  # video VAEs: (batch, frames, ...)
+        crops = [images[..., s * 8:(s + 8) * 8] for s in STARTS]
+        return [float(loss(c, crops[0])) for c in crops[1:]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_anchor_sync_lowers_the_windows_lpips_to_the_anchor(f, family):
+    w = world(f, family)
+    before = window_lpips_to_anchor(f, w, sample(f, w, steps=4))
+    after = window_lpips_to_anchor(f, w, sample(f, w, sync=sync_settings(f, w, weight=200.0, decay=1.0), steps=4))
+    print(f"[families] {family}: LPIPS to the anchor per window without sync {[round(v, 4) for v in before]}, "
+          f"with AnchorSync {[round(v, 4) for v in after]} (seed 5, 4 steps, w 200)")
+    assert sum(after) < sum(before)
+
+
+class RolledNoise:
+    """Seeded noise rolled along the width (SamplerCustomAdvanced's NOISE interface)."""
+
+    def __init__(self, seed, shift):
+        self.seed, self.shift = seed, shift
+
+    def generate_noise(self, latent):
+        import comfy.sample
+        samples = latent["samples"]
+        return comfy.sample.prepare_noise(samples, self.seed, None).roll(self.shift, dims=-1)
+
+
+@pytest.mark.parametrize("family,control", [("sdxl", "controlnet"), ("sd35", "sd35"), ("flux", "instantx"),
+                                            ("flux", "concat"), ("qwen", "qwen")])
+def test_factor_graph_loop_has_no_seam(f, family, control):
+    """A cycle treats its wrap like any other overlap: rolling the noise and the condition by one factor step
+    rolls the result (so no place, the wrap included, is special). Flux Tools' condition latent is encoded once
+    for the canvas, so it is the latent that is rolled (a rolled image would be encoded with its border elsewhere)."""
+    import node_helpers
+    import comfy_extras.nodes_custom_sampler as cs
+    from comfy_extras.nodes_ip2p import InstructPixToPixConditioning
+    w = world(f, family, control)
+    plan = f.Collage.execute("cycle", 192, 64, 64, 64, 32, "horizontal", 0).args[0]
+    step = 4  # cells: window 8 - overlap 4
+    results = []
+    for shift in (0, step):
+        image = f.image.roll(shift * 8, dims=2)
+        with torch.inference_mode():
+            if control == "concat":
+                pos, neg, _ = InstructPixToPixConditioning.execute(w["pos_text"], w["neg_text"], f.image, w["vae"]).args
+                rolled = pos[0][1]["concat_latent_image"].roll(shift, dims=-1)
+                pos, neg = (node_helpers.conditioning_set_values(c, {"concat_latent_image": rolled}) for c in (pos, neg))
+            else:
+                pos, neg = f.nodes.ControlNetApplyAdvanced().apply_controlnet(w["pos_text"], w["neg_text"], w["control"],
+                                                                              image, 1.0, 0.0, 1.0, vae=w["vae"])
+            model = f.Windowed.execute(w["model"], plan, 1).args[0]
+            guider = cs.CFGGuider().get_guider(model, pos, neg, w["cfg"])[0]
+            sigmas = cs.BasicScheduler().get_sigmas(model, "simple", 3, 1.0)[0]
+            out = cs.SamplerCustomAdvanced().sample(RolledNoise(7, shift), guider, cs.KSamplerSelect().get_sampler("euler")[0],
+                                                    sigmas, w["latent"])[0]["samples"]
+        results.append(out)
+    error = (results[1] - results[0].roll(step, dims=-1)).abs().max().item()
+    print(f"[families] {family}/{control}: loop rolled by one factor step: max deviation from the rolled result {error:.1e}")
+    assert error <= 1e-5 * results[0].abs().max().item()
+    from controlsync.nodes.loop_decode import LoopDecode
+    with torch.inference_mode():  # the family's VAE decodes the loop across its wrap (Qwen-Image: a one-frame latent)
+        looped = LoopDecode.execute({"samples": results[0]}, w["vae"], 4).args[0]
+    assert looped.shape == (1, *CANVAS_PX, 3) and bool(torch.isfinite(looped).all())
+
+
+# --- SDXL's size conditioning per window ---------------------------------------------------------
+
+def sdxl_size_vector(pooled, height, width, crop_h, crop_w, target_h, target_w):
+    """SDXL's `y`: the pooled CLIP-G embedding followed by 256-dim Fourier features (cos, then sin, at
+    frequencies 10000^(-k/128)) of original height, width, crop top, left, target height, width."""
+    k = torch.arange(128, dtype=torch.float64)
+    freqs = torch.exp(-math.log(10000.0) * k / 128)
+    feats = []
+    for v in (height, width, crop_h, crop_w, target_h, target_w):
+        args = v * freqs
+        feats.append(torch.cat([torch.cos(args), torch.sin(args)]))
+    return torch.cat([pooled.double().flatten(), torch.cat(feats)])
+
+
+def test_sdxl_windows_are_conditioned_as_crops_of_the_canvas(f):
+    """Hook on the real UNet: each window's `y` says original size = the canvas, crop = the window's offset,
+    target = the window's size (SDXL's training-time meaning of a crop), computed here from SDXL's formula;
+    a loop (no edge to measure from) gives every window crop (0, 0); the prompt's own sizes are kept."""
+    import node_helpers
+    w = world(f, "sdxl")
+    unet = w["model"].model.diffusion_model
+    pooled = w["pos_text"][0][1]["pooled_output"]
+
+    def ys(plan, pos=None):
+        calls = []
+        handle = unet.register_forward_hook(lambda m, a, kw, out: calls.append(kw["y"].clone()), with_kwargs=True)
+        try:
+            sample(f, w, plan=plan, steps=1, batch=1, pos=pos)
+        finally:
+            handle.remove()
+        return [y[-1] for y in calls]  # cond and uncond batch as [uncond, cond]: the positive is last
+
+    for got, start in zip(ys(f.plan), STARTS):
+        assert torch.allclose(got.double(), sdxl_size_vector(pooled, 64, 192, 0, start * 8, 64, 64), atol=1e-4)  # float32 sin/cos in ComfyUI
+    loop = f.Collage.execute("cycle", 192, 64, 64, 64, 32, "horizontal", 0).args[0]
+    layout = f.bridge.layout_for(loop, w["model"], w["latent"]["samples"].shape)
+    sizes = list(dict.fromkeys(r.size for r in layout.regions))  # the sampler batches regions by size
+    called = [r for size in sizes for r in layout.regions if r.size == size]
+    assert any(len(r.pieces) > 1 for r in called)  # some factor crosses the wrap
+    got_loop = ys(loop)
+    assert len(got_loop) == len(called) == 12  # 6 factors, 6 overlaps
+    for got, region in zip(got_loop, called):
+        h, w_ = region.size
+        assert torch.allclose(got.double(), sdxl_size_vector(pooled, 64, 192, 0, 0, h * 8, w_ * 8), atol=1e-4)
+    # CLIPTextEncodeSDXL's sizes (here: a 4096 px original, a crop, a 1024 px target) are the prompt's: kept,
+    # the window's offset added to the crop
+    pos = node_helpers.conditioning_set_values(w["pos"], {"width": 4096, "height": 2048, "crop_w": 16, "crop_h": 8,
+                                                          "target_width": 1024, "target_height": 1024})
+    for got, start in zip(ys(f.plan, pos), STARTS):
+        assert torch.allclose(got.double(), sdxl_size_vector(pooled, 2048, 4096, 8, 16 + start * 8, 1024, 1024), atol=1e-3)  # arguments up to 4096
+
+
+# --- per-factor prompts for every family's text conditioning ---------------------------------------
+
+def factor_entries(f, family, lengths):
+    """CONDITIONING with one entry per factor, as CLIP Text Encode nodes joined by Conditioning (Combine) give it."""
+    out = []
+    for k, tokens in enumerate(lengths):
+        out += f.tf.text_cond(family, 30 + k, tokens=tokens)
+    return out
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd35", "flux", "qwen"])
+def test_per_factor_prompts_reach_their_factors_with_their_pooled_embeddings(f, family):
+    """Hook on the real diffusion model: each factor is denoised with its own text embedding and, where the
+    family has one (SDXL: CLIP-G in `y`; SD3: CLIP-L + CLIP-G; Flux: CLIP-L), its own pooled embedding; each
+    overlap with the mean of its factors' (variable_prompts 'mean')."""
+    w = world(f, family)
+    entries = factor_entries(f, family, [12, 12, 12])
+    plan = f.Collage.execute("chain", 128, 64, 64, 64, 32, "horizontal", 0, prompt_mode="per factor",
+                             factor_conditioning=entries).args[0]
+    layout = f.bridge.layout_for(plan, w["model"], (1, 16, 8, 16))
+    net, calls = w["model"].model.diffusion_model, []
+    handle = net.register_forward_hook(lambda m, a, kw, out: calls.append((kw["context"][-1].clone(),
+                                                                            kw.get("y", torch.zeros(1, 1))[-1].clone())),
+                                       with_kwargs=True)
+    channels = w["latent"]["samples"].shape[1]
+    try:
+        sample(f, dict(w, latent={"samples": torch.zeros(1, channels, 8, 16)}), plan=plan, pos=w["pos_text"],
+               neg=w["neg_text"], steps=1, batch=1)
+    finally:
+        handle.remove()
+    assert len(calls) == len(layout.regions) == 5  # 3 factors, 2 overlaps
+    sizes = list(dict.fromkeys(r.size for r in layout.regions))
+    order = [i for size in sizes for i, r in enumerate(layout.regions) if r.size == size]
+    for (context, y), i in zip(calls, order):
+        sources = layout.factors_of[i]
+        text = torch.stack([entries[s][0][0] for s in sources]).mean(0)
+        assert torch.allclose(context, text, atol=1e-6), (family, i)
+        pooled = entries[0][1].get("pooled_output")
+        if pooled is not None:
+            expected = torch.stack([entries[s][1]["pooled_output"][0] for s in sources]).mean(0)
+            assert torch.allclose(y[:expected.shape[-1]], expected, atol=1e-6), (family, i)
+            assert not torch.allclose(y[:expected.shape[-1]], w["pos_text"][0][1]["pooled_output"][0])
+
+
+def test_text_encoders_without_77_token_chunks_interpolate_only_prompts_of_equal_length(f):
+    """T5 and Qwen's encoder give one token per word piece: embeddings of different lengths cannot be averaged
+    or interpolated token by token (refused at the node, naming the input); 'per factor' prompts of different
+    lengths with null overlaps sample, each length batched on its own; equal lengths interpolate (Flux's T5
+    pads short prompts to 77 tokens)."""
+    w = world(f, "qwen")
+    uneven = factor_entries(f, "qwen", [12, 15])
+    with pytest.raises(ValueError, match=r"prompts: 'interpolate': .* these encode to 12, 15 tokens .* 'per factor'"):
+        f.Collage.execute("chain", 128, 64, 64, 64, 32, "horizontal", 0, prompt_mode="interpolate",
+                          factor_conditioning=uneven)
+    three = factor_entries(f, "qwen", [12, 15, 12])
+    with pytest.raises(ValueError, match=r"variable_prompts 'mean': .* 12, 15 tokens"):
+        f.Collage.execute("chain", 128, 64, 64, 64, 32, "horizontal", 0, prompt_mode="per factor",
+                          factor_conditioning=three)
+    from controlsync.sampling.collage import FactorGraphPlan
+    null = f.tf.text_cond("qwen", 40, tokens=9)[0][0]
+    null_plan = FactorGraphPlan("chain", (64, 128), (64, 64), 32, factor_prompts=tuple(e[0] for e in three),
+                                variable_prompt="null", null_prompt=null)
+    latent = {"samples": torch.zeros(1, 16, 8, 16)}
+    out = sample(f, dict(w, latent=latent), plan=null_plan, pos=w["pos_text"], neg=w["neg_text"], steps=2, batch=4)
+    assert bool(torch.isfinite(out).all())
+    flux = f.Collage.execute("chain", 128, 64, 64, 64, 32, "horizontal", 0, prompt_mode="interpolate",
+                             factor_conditioning=factor_entries(f, "flux", [77, 77])).args[0]
+    assert len(flux.factor_prompts) == len(flux.factor_pooled) == 3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fast_sync_modes_run_in_every_family(f, family):
+    """AnchorSync's fast mode (the model's Jacobian skipped) and half-resolution loss run and move the result."""
+    w = world(f, family)
+    unsynced, exact = sample(f, w, steps=2), sample(f, w, sync=sync_settings(f, w, weight=200.0), steps=2)
+    with torch.inference_mode():
+        fast_settings = f.Sync.execute(w["vae"], 200.0, 0.95, 50, "alex", "skip model Jacobian", "half").args[0]
+    fast = sample(f, w, sync=fast_settings, steps=2)
+    assert bool(torch.isfinite(fast).all())
+    assert not torch.equal(fast, unsynced) and not torch.equal(fast, exact) and not torch.equal(exact, unsynced)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cubemap_samples_and_decodes_in_every_family(f, family):
+    """A 360 cubemap (three 4-face loops, windows across cube edges turned) with the family's ControlNet crops,
+    decoded face by face inside its cube neighbours."""
+    from controlsync.nodes.equirect_to_cubemap import EquirectToCubemap
+    from controlsync.nodes.loop_decode import LoopDecode
+    w = world(f, family)
+    strip = EquirectToCubemap.execute(f.tm.condition_image(128, 256), 64).args[0]
+    plan = f.Collage.execute("cubemap", 64, 64, 64, 64, 32, "horizontal", 0, image=strip).args[0]
+    channels = w["latent"]["samples"].shape[1]
+    with torch.inference_mode():
+        pos, neg = (w["pos"], w["neg"]) if w["kind"] == "concat" else f.nodes.ControlNetApplyAdvanced().apply_controlnet(
+            w["pos_text"], w["neg_text"], w["control"], strip, 1.0, 0.0, 1.0, vae=w["vae"])
+    out = sample(f, dict(w, latent={"samples": torch.zeros(1, channels, 8, 48)}), plan=plan, pos=pos, neg=neg, steps=1)
+    with torch.inference_mode():
+        cube = LoopDecode.execute({"samples": out}, w["vae"], 4, "cubemap").args[0]
+    assert cube.shape == (1, 64, 384, 3) and bool(torch.isfinite(cube).all())
