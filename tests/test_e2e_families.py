@@ -89,8 +89,8 @@ def flux_runnable_workflow(tmp_path: Path) -> Path:
     path = tmp_path / FLUX_WORKFLOW.name
     path.write_text(json.dumps(swapped))
     # the condition image ships next to the workflow; the runner uploads it from there
-    (tmp_path / "cubemap_room_lines_1024x512.png").write_bytes(
-        (FLUX_WORKFLOW.parent / "cubemap_room_lines_1024x512.png").read_bytes())
+    (tmp_path / "controlsync_room_lines_1024x512.png").write_bytes(
+        (FLUX_WORKFLOW.parent / "controlsync_room_lines_1024x512.png").read_bytes())
     return path
 
 
