@@ -51,7 +51,7 @@ from ..sampling.conditioning import crop_origins, window_size_conditioning
 from ..sampling.perceptual import build_lpips, find_backbone, hub_checkpoints
 from ..sampling.steps import StepPatternError, first_evaluations
 from ..sampling.sync import (SyncSchedule, factor_indices, fold_update, identity_through, lpips_input, noise_level,
-                             region_moves, shrinkage, signal_scale, sync_deltas, window_sync_gradient)
+                             region_moves, shrinkage, kappa_bound, sync_deltas, window_sync_gradient)
 
 WRAPPER_KEY = "controlsync.windows"
 # pre-run state that ControlBase.copy() does not carry over (set by pre_run on the originals)
@@ -860,7 +860,7 @@ def sync_moves(run, model, conds, x_in, timestep, model_options, sync, outputs):
             if fast:  # grad_{x0} L at the sampler's own x0, times the denoiser's slope along it
                 x0 = x0s[batch].clone()
                 values, g = window_sync_gradient(x, identity_through(x0), decode, loss, anchor)
-                kappa = shrinkage(x0.to(g), x.to(g), g, 1.0 / signal_scale(run.ctx.parameterisation, sigma))
+                kappa = shrinkage(x0.to(g), x.to(g), g, kappa_bound(run.ctx.parameterisation, sigma))
                 kappas.update(zip(batch, kappa.chunk(len(batch))))
                 out = values, kappa * g
             else:

@@ -147,6 +147,13 @@ def signal_scale(parameterisation: str, sigma: float) -> float:
     return 1.0 - float(sigma) if parameterisation == "flow" else 1.0
 
 
+def kappa_bound(parameterisation: str, sigma: float) -> float:
+    """The fast mode's upper clamp on kappa, 1 / alpha: D(x) moves at most as x / alpha does. A flow
+    model's first step (sigma 1, alpha 0) predicts x0 from pure noise: no bound."""
+    alpha = signal_scale(parameterisation, sigma)
+    return 1.0 / alpha if alpha > 0 else float("inf")
+
+
 def lpips_input(decoded: torch.Tensor) -> torch.Tensor:
     """The reference code's path decoded -> /2 + 0.5 -> clamp(0, 1) -> *2 - 1: a clamp to [-1, 1]
     whose gradient is zero at saturated pixels."""

@@ -61,7 +61,7 @@ def latest_frontend() -> tuple[Path, str] | None:
     static = LATEST_FRONTEND / "comfyui_frontend_package" / "static"
     if not info or not (static / "index.html").is_file():
         return None
-    return static, info[-1].name.split("-")[1].removesuffix(".dist-info")
+    return static, info[-1].name.removeprefix("comfyui_frontend_package-").removesuffix(".dist-info")
 
 
 def small_copies(input_dir: Path) -> dict[str, str]:

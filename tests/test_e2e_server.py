@@ -542,6 +542,8 @@ def test_anchorsync_run(server, tmp_path, capsys):
     announce(capsys, server, "AnchorSync run")
     small = ["--image", str(server.assets.small_condition), "--verbose", *SMALL_RUN,
              "--set", "Anchor Sync (SyncDiffusion).lpips_net=alex", "--set", "AnchorSync.sync_steps=17",
+                 # the shipped workflow's half-resolution loss sees 64 px windows here: too little for a tiny model
+                 "--set", "AnchorSync.loss_resolution=full",
              "--set", "ControlSyncCoherenceReport.crop=64", "--set", "ControlSyncCoherenceReport.lpips_net=alex"]
     pixels, times = {}, {}
     for weight in ("20", "0"):
@@ -588,7 +590,7 @@ def test_collage_run(server, tmp_path, capsys, which):
     announce(capsys, server, f"collage {which} run")
     workflow, prefix = {"chain": (CHAIN_WORKFLOW, "ControlSync_chain"), "loop": (LOOP_WORKFLOW, "ControlSync_loop")}[which]
     extra = ["--set", "FactorGraphCollage.prompts=" + "\n".join(SMALL_CHAIN_PROMPTS)] if which == "chain" else \
-        ["--set", "AnchorSync.lpips_net=alex", "--set", "AnchorSync.sync_steps=25"]
+        ["--set", "AnchorSync.lpips_net=alex", "--set", "AnchorSync.sync_steps=25", "--set", "AnchorSync.loss_resolution=full"]
     proc, path, image, pixels, elapsed = checked_run(server, tmp_path, prefix, "--previews", *COLLAGE_SMALL_RUN,
                                                      *extra, workflow=workflow)
     if which == "loop":  # the same run without sync: Anchor Sync must have changed the picture

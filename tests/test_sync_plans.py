@@ -208,7 +208,9 @@ def test_automatic_batch_size_follows_comfys_memory_estimate(s):
     from controlsync.nodes import bridge
     world = s.inference
     layout = bridge.layout_for(s.plan, world["model"], (1, 4, 8, 24))
-    conds = [world["pos"], world["neg"]]
+    import comfy.sampler_helpers
+    conds = [comfy.sampler_helpers.convert_cond(world["pos"]), comfy.sampler_helpers.convert_cond(world["neg"])]
+    assert any(d.get("control") is not None for d in conds[0])  # the doubling below is for this ControlNet
     one_call = world["model"].model.memory_required([2, 4, 8, 8])  # cond + uncond of one 8x8-cell window
     per_window = 2 * one_call  # a ControlNet runs too
     for windows in (1, 3, 7):
