@@ -438,7 +438,8 @@ def _counted_sampler(sampler, run: _RunState):
 def _counted_sampling(sampler_function, run, model, x, sigmas, *args, extra_args=None, callback=None, disable=None,
                       **options):
     extra_args = {} if extra_args is None else extra_args
-    name = getattr(sampler_function, "__name__", type(sampler_function).__name__).removeprefix("sample_")
+    # the name users picked: k-diffusion's sample_<name>, or ComfyUI's <name>_function (dpm_fast, dpm_adaptive)
+    name = getattr(sampler_function, "__name__", type(sampler_function).__name__).removeprefix("sample_").removesuffix("_function")
     firsts = None
     if run.ctx.synced:
         try:
