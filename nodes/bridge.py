@@ -809,6 +809,8 @@ def guided_x0(run, regions, x, timestep, model_options, record=False):
     token = _focus.set(_Focus(run, tuple(regions), record))
     try:
         t = timestep if len(regions) == 1 else timestep.repeat(len(regions))
+        if torch.is_grad_enabled() and t.is_inference():
+            t = t.clone()  # guidance may compute with sigma and x (RescaleCFG): autograd cannot save inference tensors
         return run.ctx.guider(x, t, model_options=model_options, seed=run.ctx.seed)
     finally:
         _focus.reset(token)
