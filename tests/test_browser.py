@@ -240,7 +240,11 @@ def test_missing_models_dialog_accepts_the_lpips_folder(browser_page):
     browser_page.evaluate("async () => { await window.app.extensionManager.setting.set("
                           "'Comfy.Workflow.ShowMissingModelsWarning', true); }")
     load(browser_page, workflow)
-    browser_page.wait_for_selector("text=lpips / controlsync_not_there.pth", timeout=15_000)
-    text = browser_page.evaluate("() => [...document.querySelectorAll('[role=dialog]')].map(d => d.innerText).join('\\n')")
-    assert "lpips / controlsync_not_there.pth" in text and "Invalid directory" not in text, text
+    dialogs = "() => [...document.querySelectorAll('[role=dialog]')].map(d => d.innerText).join('\\n')"
+    deadline, text = time.monotonic() + 30, ""
+    while time.monotonic() < deadline and "controlsync_not_there.pth" not in text:
+        time.sleep(0.5)
+        text = browser_page.evaluate(dialogs)
+    assert "lpips / controlsync_not_there.pth" in text and "Invalid directory" not in text, \
+        text or "no dialog; the page shows: " + browser_page.evaluate("() => document.body.innerText.slice(0, 1500)")
     browser_page.keyboard.press("Escape")
