@@ -269,6 +269,7 @@ class _RunState:
         self.tracked = False         # counted at the sampler (else: each outermost call is one evaluation)
         self.depth = 0               # canvas passes under way (nested guider calls)
         self.first_evals: dict[int, int] = {}  # evaluation number -> sampler step it starts (synced runs)
+        self.open_step = None        # (_SyncMoves, sigma, sigma_next) of the synced step under way
         self.evaluation: _Evaluation | None = None
         self.denoise_batch = None    # regions per denoising call, chosen at the first call
         self.gradient_batch = None   # windows per gradient graph, chosen at the first gradient pass
@@ -285,6 +286,19 @@ class _RunState:
             return None
         sigma = float(timestep.flatten()[0])
         return self.ctx.step_weights[step], sigma, self.ctx.sigmas[step + 1] / sigma
+
+    def continued_sync(self, x_in, timestep):
+        """The moves of the synced step under way, for a later evaluation of that step (Heun's and DPM2's
+        second, a corrector's) at noise level s: see `_SyncMoves.continued`."""
+        if self.evaluations - 1 in self.first_evals:
+            self.open_step = None  # an unsynced step starts
+        if self.open_step is None:
+            return None
+        moves, sigma, sigma_next = self.open_step
+        s = float(timestep.flatten()[0])
+        if not sigma_next <= s <= sigma or sigma <= sigma_next:
+            return None
+        return moves.continued(self, x_in, (s - sigma_next) / (sigma - sigma_next))
 
     def roles(self, conds) -> list:
         """What each cond list is to the guider ('positive', 'negative', 'middle', ...), by identity with
@@ -535,10 +549,14 @@ def _canvas_pass(run, executor, model, conds, x_in, timestep, model_options):
             fast = sync is not None and not run.ctx.config.sync.through_model
             if sync is not None and not fast:
                 ev.sync = sync_moves(run, model, conds, x_in, timestep, model_options, sync, None)
+            elif sync is None and ev.calls == 1:
+                ev.sync = run.continued_sync(x_in, timestep)
             moved = ev.sync.moves if ev.sync is not None and ev.sync.shifts is None else None
             outputs = denoise_regions(run, executor, model, conds, x_in, timestep, model_options, moved, record=fast)
             if fast:
                 ev.sync = sync_moves(run, model, conds, x_in, timestep, model_options, sync, outputs)
+            if sync is not None:
+                run.open_step = (ev.sync, sync[1], sync[1] * sync[2])
             merged = merge_and_fold(run, outputs, ev, x_in)
         ev.outputs[key] = merged
         if run.known is not None:
@@ -599,8 +617,7 @@ def merge_and_fold(run, outputs, ev, x_in):
         merged.append(merger.result())
     if ev.sync is None:
         return merged
-    move = _merged(run, ev.sync.moves, merged[0])
-    shift = None if ev.sync.shifts is None else _merged(run, ev.sync.shifts, merged[0])
+    move, shift = ev.sync.folded(run, merged[0])
     return [fold_update(o, move, ev.sync.r, shift) for o in merged]
 
 
@@ -888,10 +905,39 @@ def sync_moves(run, model, conds, x_in, timestep, model_options, sync, outputs):
 
 @dataclass(frozen=True)
 class _SyncMoves:
-    """One synced evaluation's moves: per region its latent move and (fast mode) its predicted x0 shift."""
-    moves: list
+    """One synced evaluation's moves: per region its latent move and (fast mode) its predicted x0 shift.
+
+    A step with several evaluations (Heun, DPM2, predictor-correctors) continues the step's first one. The
+    papers move the windows by delta_i and step from there; merged, the canvas starts from x - Delta. A
+    sampler that keeps stepping from the unmoved x follows x(s) = y(s) + g(s) Delta along the moved
+    trajectory y(s) when every evaluation at noise level s sees D_eff(x, s) = D(x - g(s) Delta) - r / (1 - r)
+    Delta, g(s) = (s - sigma_next) / (sigma - sigma_next): differentiate x = y + g Delta in the probability
+    flow ODE dx/ds = (x - D) / s (g - s g' = -r / (1 - r)). At s = sigma that is the fold; at
+    s = sigma_next (Heun's second evaluation) the model sees the sampler's own point, and the step ends
+    on the moved trajectory (x = y there), which makes Heun's step equal the papers' moved windows followed
+    by Heun over the merged denoiser. `canvas_move`, `canvas_shift`: a continuing evaluation's merged
+    Delta (folded in full) and predicted shift (fast mode, g times the first evaluation's)."""
+    moves: list | None
     shifts: list | None
     r: float
+    canvas_move: torch.Tensor | None = None
+    canvas_shift: torch.Tensor | None = None
+
+    def folded(self, run, like):
+        """(merged move, merged predicted shift or None) that the fold takes."""
+        if self.canvas_move is not None:
+            return self.canvas_move.to(like), None if self.canvas_shift is None else self.canvas_shift.to(like)
+        return (_merged(run, self.moves, like),
+                None if self.shifts is None else _merged(run, self.shifts, like))
+
+    def continued(self, run, like, g: float) -> "_SyncMoves":
+        """This step's moves for a later evaluation at g(s): the regions evaluated at the canvas moved by
+        g Delta (exact mode), or their predictions shifted by g times the merged shift (fast mode)."""
+        move, shift = self.folded(run, like)
+        if shift is not None:
+            return _SyncMoves(None, None, self.r, move, g * shift)
+        moves = None if g == 0 else [g * gather(move, r) for r in run.ctx.plan.regions]
+        return _SyncMoves(moves, None, self.r, move, None)
 
 
 def _loss_path(run, model, x_in):

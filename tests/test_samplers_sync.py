@@ -6,8 +6,9 @@ VAE; LPIPS-alex; a 64x128 canvas of three 64 px windows, stride 32).
   hand-counted synced steps times the non-anchor windows, at the sigmas those steps start at. The result
   is finite and every window ends nearer the anchor (LPIPS) than without sync.
 - dpm_fast and dpm_adaptive (no fixed step per schedule point) are refused at the node with a message.
-- euler, ddim and euler_cfg_pp equal the papers' algorithm (tests/window_reference.py); euler_ancestral,
-  heun and lcm are approximations, measured against the same per-window reference.
+- euler, ddim, euler_cfg_pp and heun equal the papers' algorithm (tests/window_reference.py; Heun's second
+  evaluation continues the step's moves: nodes/bridge.py, _SyncMoves); euler_ancestral and lcm are
+  approximations, measured against the same per-window reference.
 """
 from __future__ import annotations
 
@@ -128,7 +129,9 @@ def test_sampler_syncs_once_per_step_and_moves_toward_the_anchor(s, small, sampl
     assert len(record) == SYNCED * (len(STARTS) - 1)
     assert record == pytest.approx(expected, rel=1e-5)
     assert bool(torch.isfinite(synced).all())
-    assert all(a < b for a, b in zip(after, before)), (before, after)
+    # every window at least 1% nearer the anchor (a sync lost between a step's evaluations - DPM2's first
+    # fold overwritten by its second - moved them by 0.00%)
+    assert all(a < 0.99 * b for a, b in zip(after, before)), (before, after)
 
 
 @pytest.mark.parametrize("sampler", REFUSED)
@@ -179,7 +182,8 @@ def synced_and_unsynced(s, small, world, sampler, scheduler="normal"):
             run(s, small, world, sampler, scheduler=scheduler, steps=EXACT_STEPS))
 
 
-@pytest.mark.parametrize("sampler,scheduler,contrast", [("ddim", "ddim_uniform", None), ("euler_cfg_pp", "normal", "euler")])
+@pytest.mark.parametrize("sampler,scheduler,contrast", [("ddim", "ddim_uniform", None), ("euler_cfg_pp", "normal", "euler"),
+                                                       ("heun", "normal", "euler")])
 def test_exact_samplers_equal_the_papers_algorithm(s, small, worlds64, sampler, scheduler, contrast):
     """euler with KSampler-style CFG is the same test in tests/test_guiders.py (and tests/test_sync.py)."""
     inference, plain = worlds64
@@ -195,7 +199,7 @@ def test_exact_samplers_equal_the_papers_algorithm(s, small, worlds64, sampler, 
         assert (unsynced - other).abs().max().item() > 100 * max(error, 1e-6 * scale)
 
 
-@pytest.mark.parametrize("sampler", ["euler_ancestral", "heun", "lcm"])
+@pytest.mark.parametrize("sampler", ["euler_ancestral", "lcm"])
 def test_approximate_samplers_measured_against_the_papers_algorithm(s, small, worlds64, sampler):
     """Not exact (README's table says why); the deviation from the per-window reference is measured."""
     inference, plain = worlds64
