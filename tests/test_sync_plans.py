@@ -156,8 +156,11 @@ def _layout(s, world, plan, canvas_px):
 HAND_WEIGHTS = [WEIGHT, WEIGHT * 0.95 ** 25]
 
 
-@pytest.mark.parametrize("kind", ["windows", "chain", "cycle", "grid", "corner_grid", "cubemap"])
-@pytest.mark.parametrize("fast", [False, True], ids=["exact", "fast"])
+# the exact mode on every kind; the fast mode on a row of windows, a loop (variables between factors) and the
+# cubemap (turned regions, mixed sizes) - its factor/variable handling is the exact mode's
+@pytest.mark.parametrize("kind,fast", [(k, False) for k in ("windows", "chain", "cycle", "grid", "corner_grid", "cubemap")]
+                         + [(k, True) for k in ("windows", "cycle", "cubemap")],
+                         ids=lambda v: v if isinstance(v, str) else ("fast" if v else "exact"))
 def test_sync_on_every_plan_equals_the_papers_algorithm(s, kind, fast):
     canvas_px, plan = plans(s)[kind]
     world, image = world_for(s, torch.float64, True, canvas_px)
@@ -175,7 +178,7 @@ def test_sync_on_every_plan_equals_the_papers_algorithm(s, kind, fast):
     assert moved > 1e-2 and error < 1e-6 * max(1.0, ref.abs().max().item())
 
 
-@pytest.mark.parametrize("kind", ["windows", "chain", "cycle", "grid", "cubemap"])
+@pytest.mark.parametrize("kind", ["cycle", "cubemap"])  # factor and variable sizes mixed; turned regions
 @pytest.mark.parametrize("gradient", ["exact", "skip model Jacobian"])
 def test_batched_gradient_passes_equal_one_at_a_time(s, kind, gradient):
     """Windows stacked into one gradient graph (and one denoising call) give what one at a time gives,
@@ -192,7 +195,7 @@ def test_batched_gradient_passes_equal_one_at_a_time(s, kind, gradient):
     assert error < 1e-5 * one.abs().max().item() and (one - unsynced).abs().max().item() > 20 * max(error, 1e-9)
 
 
-@pytest.mark.parametrize("kind", ["windows", "chain", "cycle", "grid", "cubemap"])
+@pytest.mark.parametrize("kind", ["windows", "cycle", "cubemap"])
 def test_batched_windows_equal_one_at_a_time_without_sync(s, kind):
     canvas_px, plan = plans(s)[kind]
     world, _ = world_for(s, torch.float32, True, canvas_px)
