@@ -1,14 +1,15 @@
 """ComfyUI's real frontend in a real browser (headless Chromium driven by playwright): every shipped
 workflow is loaded through the page (`app.loadGraphData`), its widgets are shrunk for a CPU run the way a
 user edits them, it is queued from the page (`app.queuePrompt`: the frontend's own graph-to-API
-conversion) and its images must arrive. Also: the pack's nodes are found by the frontend's own search for
+conversion) and its images must arrive - each small workflow on one of the two frontends (RUN_ON), converted
+on the other; the SDXL and Flux workflows are converted on both (their stand-ins run in test_e2e_families.py).
+Also: the pack's nodes are found by the frontend's own search for
 panorama / 360 / seamless / ..., workflows saved with the old socket type names still load with their
 links, the Coherence Report's numbers show on the node, and (pinned frontend) the missing-models dialog
 accepts the pack's `lpips` folder.
 
 Two frontends, one server each (main host): the one ComfyUI pins (its requirements.txt; the host's venv has
-it), which queues the AnchorSync workflow and converts the others, and the newest `comfyui-frontend-package`
-from the registry, which queues every workflow whose stand-in models are small, served with `--front-end-root`
+it) and the newest `comfyui-frontend-package` from the registry, served with `--front-end-root`
 (.ci/run installs it into tests/.cache/frontend-latest). Chromium is Debian's (`/usr/bin/chromium`, or
 $CONTROLSYNC_CHROMIUM); playwright's Python client drives it (no browser download). Missing pieces fail
 under CI=true and skip otherwise.
@@ -31,9 +32,11 @@ LATEST_FRONTEND = Path(__file__).resolve().parent / ".cache" / "frontend-latest"
 CHROMIUM = os.environ.get("CONTROLSYNC_CHROMIUM", "/usr/bin/chromium")
 RUN_TIMEOUT = 300
 SMALL_HEIGHT, SMALL_WIDTH = 128, 384  # the shipped images are shrunk to 128 px high, at most 384 wide, for the CPU run
-# the newest frontend (users update it on its own) queues every workflow from the page; the pinned one queues
-# the one with the most pack UI (plan preview, sync, the Coherence Report's text widget) and converts the others
-RUN_ON_PINNED = ("controlsync_anchorsync",)
+# every small workflow is queued from the page once, half on each frontend (CPU time), and converted on the other;
+# the newest (users update it on its own) gets the ones with the most pack UI: plan preview, sync, the Coherence
+# Report's text widget, the loop and cubemap decodes
+RUN_ON = {"latest": ("controlsync_anchorsync", "collage_loop360", "collage_cubemap360"),
+          "pinned": ("controlsync_panorama", "collage_chain_prompts", "collage_outpaint")}
 CHAIN_PROMPTS = ["a city skyline at dawn, oil painting", "suburbs in the morning sun, oil painting",
                  "a road through dry scrubland at midday, oil painting", "desert dunes in the afternoon, oil painting",
                  "a sand desert at dusk, oil painting"]
@@ -116,6 +119,18 @@ def browser_page(request, tmp_path_factory):
         srv.stop()
 
 
+def needs_large_models(workflow: dict) -> bool:
+    """Whether a workflow names models without a small stand-in here (the SDXL and Flux workflows)."""
+    models = list(workflow.get("models") or []) + [m for n in workflow["nodes"]
+                                                   for m in (n.get("properties") or {}).get("models") or []]
+    return not all(STAND_INS.get(m["name"]) == m["directory"] for m in models)
+
+
+def test_every_small_workflow_is_queued_on_one_frontend():
+    small = {p.stem for p in WORKFLOWS if not needs_large_models(json.loads(p.read_text()))}
+    assert sorted(RUN_ON["latest"] + RUN_ON["pinned"]) == sorted(small)
+
+
 def load(page, workflow: dict) -> None:
     page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", workflow)
 
@@ -186,14 +201,12 @@ def test_workflow_runs_from_the_page(browser_page, path, capsys):
 
     page, srv = browser_page, browser_page.server
     workflow = json.loads(path.read_text())
-    models = list(workflow.get("models") or []) + [m for n in workflow["nodes"]
-                                                   for m in (n.get("properties") or {}).get("models") or []]
     load(page, workflow)
     missing = page.evaluate("() => window.app.graph.nodes.map(n => n.type)"
                             ".filter(t => !(t in window.LiteGraph.registered_node_types))")
     assert missing == [], f"{page.frontend}: missing node types {missing}"
-    family = not all(STAND_INS.get(m["name"]) == m["directory"] for m in models)
-    if family or (page.frontend.startswith("pinned") and path.stem not in RUN_ON_PINNED):
+    family = needs_large_models(workflow)
+    if family or path.stem not in RUN_ON[page.frontend.split()[0]]:
         # the SDXL and Flux workflows: their multi-GB stand-ins live in tests/test_e2e_families.py's server (and
         # Flux's T5-XXL has none); the newest frontend queues one workflow (CPU time). Here the frontend's own
         # conversion must wire every pack node's inputs
@@ -204,7 +217,7 @@ def test_workflow_runs_from_the_page(browser_page, path, capsys):
         assert all(isinstance(sampler[k], list) for k in ("model", "positive", "negative", "latent_image", "plan"))
         with capsys.disabled():
             print(f"\n[browser] {page.frontend}: {path.name} loads and converts ({len(output)} nodes; run end to end "
-                  + ("in test_e2e_families.py)" if family else "on the newest frontend)"))
+                  + ("in test_e2e_families.py)" if family else "on the other frontend)"))
         return
     shrink(page, srv.small_images)
     t0 = time.monotonic()
