@@ -50,8 +50,8 @@ from ..sampling.conditional import autoregressive_order, collage_reconstruction
 from ..sampling.conditioning import crop_origins, window_size_conditioning
 from ..sampling.perceptual import build_lpips, find_backbone, hub_checkpoints
 from ..sampling.steps import StepPatternError, first_evaluations
-from ..sampling.sync import (SyncSchedule, factor_indices, fold_update, identity_through, lpips_input, noise_level,
-                             region_moves, shrinkage, kappa_bound, sync_deltas, window_sync_gradient)
+from ..sampling.sync import (SyncSchedule, factor_indices, fold_update, identity_through, kappa_bound, lpips_input,
+                             noise_level, region_moves, shrinkage, sync_deltas, window_sync_gradient)
 
 WRAPPER_KEY = "controlsync.windows"
 # pre-run state that ControlBase.copy() does not carry over (set by pre_run on the originals)

@@ -187,8 +187,9 @@ def child(args):
     result = {"seconds": seconds, "rss_growth_mib": rss.growth_mib, "gpu_growth_mib": gpu,
               "lpips_to_anchor": sum(drift) / len(drift), "windows": len(layout.regions)}
     if args.mode != "off":
+        import comfy.sampler_helpers
         batch = 1 if not cuda else bridge.auto_window_batch(
-            model.model, layout, [pos, neg], latent["samples"].shape,
+            model.model, layout, [comfy.sampler_helpers.convert_cond(c) for c in (pos, neg)], latent["samples"].shape,
             comfy.model_management.get_free_memory(dev), gradient=True)
         batch = min(batch, len(layout.regions) - 1)
         result["gradient_batch"] = batch
