@@ -23,8 +23,9 @@ class ControlSyncWindowedModel(io.ComfyNode):
                 io.Model.Input("model", tooltip="The model; it is cloned, never modified."),
                 WindowPlanType.Input("plan", tooltip="Windows from Window Planner (or a factor graph)."),
                 window_batch_input(),
-                SyncType.Input("sync", optional=True, tooltip="AnchorSync settings (needs a guider with a cfg scale, "
-                                                             "e.g. CFGGuider)."),
+                SyncType.Input("sync", optional=True, tooltip="AnchorSync settings; the gradient passes run "
+                                                             "through the guider's own math (any guider but "
+                                                             "Self-Attention Guidance)."),
             ],
             outputs=[io.Model.Output(tooltip="A patched clone: connect it to a guider or sampler node.")],
         )

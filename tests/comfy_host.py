@@ -26,6 +26,12 @@ def find_host() -> Path | None:
     return None
 
 
+def old_host() -> Path | None:
+    """The older ComfyUI the end-to-end tests also run: $COMFYUI_OLD_PATH, else ~/comfy/ComfyUI-0.3.50."""
+    path = Path(os.environ.get("COMFYUI_OLD_PATH") or Path.home() / "comfy" / "ComfyUI-0.3.50")
+    return path.resolve() if (path / "main.py").is_file() and (path / "comfy").is_dir() else None
+
+
 def host_version(host: Path) -> str:
     text = (host / "comfyui_version.py").read_text()
     return text.split("__version__")[1].split('"')[1]

@@ -32,4 +32,5 @@ def write_lpips_backbones(folder) -> None:
             p = params[f"Conv_{conv}"]
             state[f"features.{index}.weight"] = torch.from_numpy(p["kernel"].copy()).permute(3, 2, 0, 1).contiguous()
             state[f"features.{index}.bias"] = torch.from_numpy(p["bias"].copy())
-        torch.save(state, path)
+        torch.save(state, path + f".{os.getpid()}.tmp")
+        os.replace(path + f".{os.getpid()}.tmp", path)  # parallel test workers never read a half-written file

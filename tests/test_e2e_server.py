@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comfy_host import PACK_DIR, find_host, host_version  # noqa: E402
+from comfy_host import PACK_DIR, find_host, host_version, old_host  # noqa: E402
 from e2e_assets import CONDITION_NAME, _locked, ensure_assets  # noqa: E402
 from lpips_weights import BACKBONE_FILES  # noqa: E402
 
@@ -68,11 +68,6 @@ SMALL_CHAIN_PROMPTS = ["a city skyline at dawn, oil painting", "suburbs in the m
 SERVER_START_TIMEOUT = 180
 RUN_TIMEOUT = 600
 PYTHON = os.environ.get("COMFYUI_PYTHON") or sys.executable
-
-
-def old_host() -> Path | None:
-    path = Path(os.environ.get("COMFYUI_OLD_PATH") or Path.home() / "comfy" / "ComfyUI-0.3.50")
-    return path.resolve() if (path / "main.py").is_file() and (path / "comfy").is_dir() else None
 
 
 def require(host: Path | None, what: str) -> Path:
