@@ -34,3 +34,17 @@ def write_lpips_backbones(folder) -> None:
             state[f"features.{index}.bias"] = torch.from_numpy(p["bias"].copy())
         torch.save(state, path + f".{os.getpid()}.tmp")
         os.replace(path + f".{os.getpid()}.tmp", path)  # parallel test workers never read a half-written file
+
+
+def reference_lpips(net: str, folder, dtype):
+    """The `lpips` package's LPIPS with the backbone loaded straight from the file in `folder` (no pack code):
+    the loss the tests' papers' references are written with, frozen, in `dtype`."""
+    import os
+    import lpips
+    loss = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+    state = torch.load(os.path.join(folder, BACKBONE_FILES[net]), weights_only=True)
+    for block in loss.net.children():
+        for index, layer in block.named_children():
+            for name, p in layer.named_parameters():
+                p.data.copy_(state[f"features.{index}.{name}"])
+    return loss.eval().requires_grad_(False).to(dtype)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lpips_weights import BACKBONE_FILES
+from lpips_weights import reference_lpips
 
 LPIPS_DIR = Path(__file__).resolve().parent / ".cache" / "lpips"  # shared with test_sync.py
 CANVAS_PX = (64, 192)
@@ -355,19 +355,12 @@ class Reference:
     each window's Euler step taken from its moved latent and the windows averaged."""
 
     def __init__(self, f, w):
-        import lpips
         self.f, self.w = f, w
         self.model = w["model"].model
         w["model"].pre_run()  # what sampling does first: the model knows its patcher
         self.dtype = w["dtype"]
         self.patches = {"patches": {"input_block_patch_after_skip": [lambda h, o: h.clone()]}}
-        self.lpips = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)
-        state = torch.load(LPIPS_DIR / BACKBONE_FILES["alex"], weights_only=True)
-        for block in self.lpips.net.children():
-            for index, layer in block.named_children():
-                for name, p in layer.named_parameters():
-                    p.data.copy_(state[f"features.{index}.{name}"])
-        self.lpips = self.lpips.eval().requires_grad_(False).to(self.dtype)
+        self.lpips = reference_lpips("alex", LPIPS_DIR, self.dtype)
         self.conds = {}
 
     def window_conds(self, k):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lpips_weights import BACKBONE_FILES
+from lpips_weights import reference_lpips
 
 LPIPS_DIR = Path(__file__).resolve().parent / ".cache" / "lpips"
 CANVAS_PX = (64, 192)
@@ -92,18 +92,11 @@ def run(s, world, sync=None, sampler="euler", scheduler="normal", steps=4, cfg=7
 
 class Reference:
     def __init__(self, s, world, cfg=7.5, net="alex"):
-        import lpips
         self.s, self.w, self.cfg = s, world, cfg
         self.model = world["model"].model
         self.hint = s.image.movedim(-1, 1).to(world["dtype"])
         self.patches = {"patches": {"input_block_patch_after_skip": [lambda h, o: h.clone()]}}
-        self.lpips = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
-        state = torch.load(LPIPS_DIR / BACKBONE_FILES[net], weights_only=True)
-        for block in self.lpips.net.children():
-            for index, layer in block.named_children():
-                for name, p in layer.named_parameters():
-                    p.data.copy_(state[f"features.{index}.{name}"])
-        self.lpips = self.lpips.eval().requires_grad_(False).to(world["dtype"])
+        self.lpips = reference_lpips(net, LPIPS_DIR, world["dtype"])
 
     def denoise(self, x, sigma, window):
         """CFG'd x0-prediction of one window, its ControlNet fed the window's crop of the hint."""

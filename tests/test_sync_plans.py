@@ -58,22 +58,15 @@ class PlanReference:
     """The algorithm of the module doc on ComfyUI's model objects (float64)."""
 
     def __init__(self, world, image, layout, net="alex", cfg=7.5):
-        import lpips
         import comfy.utils
-        from lpips_weights import BACKBONE_FILES
+        from lpips_weights import reference_lpips
         self.w, self.layout, self.cfg = world, layout, cfg
         self.model = world["model"].model
         H, W = layout.canvas
         hint = image.movedim(-1, 1).to(world["dtype"])
         self.hint = comfy.utils.common_upscale(hint, W * 8, H * 8, "nearest-exact", "center")
         self.patches = {"patches": {"input_block_patch_after_skip": [lambda h, o: h.clone()]}}
-        self.lpips = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
-        state = torch.load(LPIPS_DIR / BACKBONE_FILES[net], weights_only=True)
-        for block in self.lpips.net.children():
-            for index, layer in block.named_children():
-                for name, p in layer.named_parameters():
-                    p.data.copy_(state[f"features.{index}.{name}"])
-        self.lpips = self.lpips.eval().requires_grad_(False).to(world["dtype"])
+        self.lpips = reference_lpips(net, LPIPS_DIR, world["dtype"])
         self.factors = [i for i, f in enumerate(layout.factors_of) if f == (i,)] if layout.factors_of \
             else list(range(len(layout.regions)))
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from lpips_weights import BACKBONE_FILES
+from lpips_weights import reference_lpips
 
 LPIPS_DIR = Path(__file__).resolve().parent / ".cache" / "lpips"
 WIDTH = 8  # latent cells per window (64 px)
@@ -41,18 +41,11 @@ class WindowReference:
     prediction for a prompt (perturbed: PAG's perturbed self-attention in the middle block)."""
 
     def __init__(self, world, image, starts, conds, guide, net="alex", anchor=0):
-        import lpips
         self.w, self.starts, self.conds, self.guide, self.anchor = world, list(starts), conds, guide, anchor
         self.model = world["model"].model
         self.dtype = world["dtype"]
         self.hint = image.movedim(-1, 1).to(self.dtype)
-        self.lpips = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
-        state = torch.load(LPIPS_DIR / BACKBONE_FILES[net], weights_only=True)
-        for block in self.lpips.net.children():
-            for index, layer in block.named_children():
-                for name, p in layer.named_parameters():
-                    p.data.copy_(state[f"features.{index}.{name}"])
-        self.lpips = self.lpips.eval().requires_grad_(False).to(self.dtype)
+        self.lpips = reference_lpips(net, LPIPS_DIR, self.dtype)
         self.evaluations = []  # (sigma, window, role, perturbed, x requires grad) of every model call
 
     # --- one window's predictions -------------------------------------------------------------
