@@ -21,7 +21,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-LPIPS_DIR = Path(__file__).resolve().parent / ".cache" / "lpips"
 
 
 def main(argv=None) -> int:
@@ -34,15 +33,13 @@ def main(argv=None) -> int:
     import torch
     import comfy.patcher_extension
     import comfy_extras.nodes_flux as nflux
-    import folder_paths
     import lpips_weights
     import tiny_families as tf
     import tiny_models as tm
     from controlsync.nodes import bridge
     from controlsync.nodes.window_planner import WindowPlanner
 
-    lpips_weights.write_lpips_backbones(LPIPS_DIR)
-    folder_paths.add_model_folder_path("lpips", str(LPIPS_DIR))
+    lpips_weights.use_cached_backbones()
     loss = bridge.load_lpips("alex", "cpu")
     height, width, window, stride = 64, 320, 64, 32
     plan = WindowPlanner.execute(width, height, window, height, stride, "first", 0, "uniform").args[0]

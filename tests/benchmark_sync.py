@@ -37,7 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchmark_windows import DTYPES  # noqa: E402
 
-LPIPS_DIR = Path(__file__).resolve().parent / ".cache" / "lpips"
 MODES = ("off", "exact", "fast")
 SD_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
           "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
@@ -130,7 +129,6 @@ def child(args):
     from comfy_host import find_host, import_host
     import_host(find_host(), cpu=args.device == "cpu")
     import comfy.model_management
-    import folder_paths
     import lpips_weights
     import nodes
     import tiny_models as tm
@@ -139,8 +137,7 @@ def child(args):
     from controlsync.nodes.anchor_sync import AnchorSync
     from controlsync.nodes.controlsync_sampler import ControlSyncSampler
     from controlsync.nodes.window_planner import WindowPlanner
-    lpips_weights.write_lpips_backbones(LPIPS_DIR)
-    folder_paths.add_model_folder_path("lpips", str(LPIPS_DIR))
+    lpips_weights.use_cached_backbones()
     if args.full:
         tm.SD15_UNET.update(SD15_FULL)
         tm.CONTEXT_DIM = SD15_FULL["context_dim"]
@@ -214,12 +211,10 @@ def measure_loss_memory(args):
     from comfy_host import find_host, import_host
     import_host(find_host(), cpu=args.device == "cpu")
     import comfy.model_management
-    import folder_paths
     import lpips_weights
     import tiny_models as tm
     from controlsync.nodes import bridge
-    lpips_weights.write_lpips_backbones(LPIPS_DIR)
-    folder_paths.add_model_folder_path("lpips", str(LPIPS_DIR))
+    lpips_weights.use_cached_backbones()
     dev, cuda = comfy.model_management.get_torch_device(), args.device == "cuda"
     vae = make_vae(tm, True, torch.float32, dev)
     loss_net = bridge.load_lpips(args.net, dev)

@@ -83,12 +83,7 @@ class Assets:
         return [self.checkpoint, self.controlnet_file, self.condition, self.small_condition]
 
     def valid(self) -> bool:
-        try:
-            manifest = json.loads(self.manifest.read_text())
-        except (OSError, ValueError):
-            return False
-        return manifest.get("version") == ASSET_VERSION and all(
-            f.is_file() and f.stat().st_size == manifest["sizes"].get(f.name) for f in self.files())
+        return manifest_matches(self.manifest, ASSET_VERSION, self.files())
 
 
 @contextlib.contextmanager
@@ -103,21 +98,42 @@ def _locked(path: Path):
         yield
 
 
-def ensure_assets(host: Path, python: str | None = None, root: Path = CACHE) -> Assets:
-    """The cached files, built first if missing or stale (in a subprocess of `python` with `host` importable)."""
-    assets = Assets(root)
+def manifest_matches(manifest: Path, version: int, files) -> bool:
+    """Whether a cache's manifest is of `version` and lists every one of `files` at its current size."""
+    try:
+        recorded = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return False
+    return recorded.get("version") == version and all(
+        f.is_file() and f.stat().st_size == recorded["sizes"].get(f.name) for f in files)
+
+
+def write_manifest(manifest: Path, version: int, host: Path, files) -> None:
+    manifest.write_text(json.dumps({"version": version, "host": str(host),
+                                    "sizes": {f.name: f.stat().st_size for f in files}}, indent=1))
+
+
+def build_once(assets, script: str, host: Path, python: str | None, lock: Path, timeout: int):
+    """`assets` (with .root and .valid()), built first if missing or stale by `script --build ROOT --host HOST` in a
+    subprocess of `python`, under a file lock so that parallel test workers build it once."""
     if assets.valid():
         return assets
-    with _locked(root.parent / "e2e.lock"):
+    with _locked(lock):
         if assets.valid():
             return assets
         t0 = time.time()
-        cmd = [python or sys.executable, str(Path(__file__).resolve()), "--build", str(root), "--host", str(host)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        cmd = [python or sys.executable, script, "--build", str(assets.root), "--host", str(host)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0 or not assets.valid():
-            raise RuntimeError(f"building the e2e assets failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-        print(f"[e2e_assets] built {root} in {time.time() - t0:.1f}s", file=sys.stderr)
+            raise RuntimeError(f"building {assets.root} failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                               f"{proc.stderr[-4000:]}")
+        print(f"[{Path(script).stem}] built {assets.root} in {time.time() - t0:.1f}s", file=sys.stderr)
     return assets
+
+
+def ensure_assets(host: Path, python: str | None = None, root: Path = CACHE) -> Assets:
+    """The cached files, built first if missing or stale (in a subprocess of `python` with `host` importable)."""
+    return build_once(Assets(root), str(Path(__file__).resolve()), host, python, root.parent / "e2e.lock", 900)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -224,8 +240,7 @@ def build(root: Path, host: Path) -> None:
 
     write_condition(assets.condition, 512, 3072)
     write_condition(assets.small_condition, 128, 384)
-    assets.manifest.write_text(json.dumps({"version": ASSET_VERSION, "host": str(host),
-                                           "sizes": {f.name: f.stat().st_size for f in assets.files()}}, indent=1))
+    write_manifest(assets.manifest, ASSET_VERSION, host, assets.files())
 
 
 def main(argv=None) -> int:

@@ -26,10 +26,7 @@ the workflow runs as shipped.
 """
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
@@ -89,30 +86,13 @@ class Assets:
         return {kind: self.root / kind for kind in sorted(set(STAND_INS.values()))}
 
     def valid(self) -> bool:
-        try:
-            manifest = json.loads(self.manifest.read_text())
-        except (OSError, ValueError):
-            return False
-        return manifest.get("version") == ASSET_VERSION and all(
-            f.is_file() and f.stat().st_size == manifest["sizes"].get(f.name) for f in self.files())
+        from e2e_assets import manifest_matches
+        return manifest_matches(self.manifest, ASSET_VERSION, self.files())
 
 
 def ensure_family_assets(host: Path, python: str | None = None, root: Path = CACHE) -> Assets:
-    from e2e_assets import _locked
-    assets = Assets(root)
-    if assets.valid():
-        return assets
-    with _locked(root.parent / "e2e_families.lock"):
-        if assets.valid():
-            return assets
-        t0 = time.time()
-        cmd = [python or sys.executable, str(Path(__file__).resolve()), "--build", str(root), "--host", str(host)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-        if proc.returncode != 0 or not assets.valid():
-            raise RuntimeError(f"building the family e2e assets failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n"
-                               f"{proc.stderr[-4000:]}")
-        print(f"[e2e_family_assets] built {root} in {time.time() - t0:.1f}s", file=sys.stderr)
-    return assets
+    from e2e_assets import build_once
+    return build_once(Assets(root), str(Path(__file__).resolve()), host, python, root.parent / "e2e_families.lock", 1800)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -132,7 +112,7 @@ def build(root: Path, host: Path) -> None:
     import comfy.sdxl_clip
     import comfy.supported_models
     import comfy.utils
-    from e2e_assets import _fp16, _init_weights
+    from e2e_assets import _fp16, _init_weights, write_manifest
 
     assets = Assets(root)
     ops = comfy.ops.disable_weight_init
@@ -187,8 +167,7 @@ def build(root: Path, host: Path) -> None:
         _init_weights(clip_l, SEED + 7)
         save(clip_l.transformer.state_dict(), CLIP_L)
 
-    assets.manifest.write_text(json.dumps({"version": ASSET_VERSION, "host": str(host),
-                                           "sizes": {f.name: f.stat().st_size for f in assets.files()}}, indent=1))
+    write_manifest(assets.manifest, ASSET_VERSION, host, assets.files())
 
 
 def main(argv=None) -> int:

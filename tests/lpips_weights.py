@@ -1,12 +1,25 @@
 """The real ImageNet LPIPS backbones, built offline for the tests (no ComfyUI needed)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 # torchvision's `features` indices of the conv layers, in order
 _TORCHVISION_CONVS = {"vgg": ("VGG16_0", "vgg16-397923af.pth", [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]),
                       "alex": ("AlexNet_0", "alexnet-owt-7be5be79.pth", [0, 3, 6, 8, 10])}
 BACKBONE_FILES = {net: filename for net, (_, filename, _) in _TORCHVISION_CONVS.items()}
+# the tests' and benchmarks' one cache of the converted backbones
+LPIPS_DIR = Path(__file__).resolve().parent / ".cache" / "lpips"
+
+
+def use_cached_backbones() -> Path:
+    """Convert the backbones into LPIPS_DIR (once) and register it as ComfyUI's `lpips` model folder, as a user
+    puts the files into ComfyUI/models/lpips/ (needs the host imported)."""
+    import folder_paths
+    write_lpips_backbones(LPIPS_DIR)
+    folder_paths.add_model_folder_path("lpips", str(LPIPS_DIR))
+    return LPIPS_DIR
 
 
 def write_lpips_backbones(folder) -> None:
@@ -36,7 +49,7 @@ def write_lpips_backbones(folder) -> None:
         os.replace(path + f".{os.getpid()}.tmp", path)  # parallel test workers never read a half-written file
 
 
-def reference_lpips(net: str, folder, dtype):
+def reference_lpips(net: str, dtype, folder=LPIPS_DIR):
     """The `lpips` package's LPIPS with the backbone loaded straight from the file in `folder` (no pack code):
     the loss the tests' papers' references are written with, frozen, in `dtype`."""
     import os

@@ -52,7 +52,6 @@ def host_models():
     from comfy_host import find_host, host_version, import_host
     host = find_host()
     import_host(host)
-    import folder_paths
     import nodes
     import lpips_weights
     import tiny_models as tm
@@ -62,9 +61,7 @@ def host_models():
     from controlsync.nodes.factor_graph_collage import FactorGraphCollage
     from controlsync.nodes.window_planner import WindowPlanner
     from controlsync.sampling import metrics
-    lpips_dir = TESTS / ".cache" / "lpips"
-    lpips_weights.write_lpips_backbones(lpips_dir)
-    folder_paths.add_model_folder_path("lpips", str(lpips_dir))
+    lpips_weights.use_cached_backbones()
     loss = bridge.load_lpips("alex", "cpu")
     distance = lambda a, b: loss(a, b, normalize=False).flatten()  # noqa: E731
     H, W, win, steps, seed = 64, 384, 64, 8, 3

@@ -480,15 +480,11 @@ def test_coherence_report_measures_drift_to_the_cubemap_anchor_chosen(c):
     """Coherence Report on a cubemap: one drift value per window (20: the 19 in the merge and the default anchor,
     window 0 - the left face, which cancels out of the merge), each the LPIPS to exactly the left face."""
     import re
-    import folder_paths
     import lpips_weights
-    from pathlib import Path
     from controlsync.nodes import bridge
     from controlsync.nodes.coherence_report import CoherenceReport
     from controlsync.sampling import gather
-    folder = Path(__file__).resolve().parent / ".cache" / "lpips"
-    lpips_weights.write_lpips_backbones(folder)
-    folder_paths.add_model_folder_path("lpips", str(folder))
+    lpips_weights.use_cached_backbones()
     strip = cube_strip(c)
     plan = c.Collage.execute("cubemap", 64, 64, 64, 64, 32, "horizontal", 0, image=strip).args[0]
     with torch.inference_mode():

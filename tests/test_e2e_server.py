@@ -35,8 +35,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from comfy_host import PACK_DIR, find_host, host_version, old_host  # noqa: E402
+from lpips_weights import BACKBONE_FILES, LPIPS_DIR  # noqa: E402
 from e2e_assets import CONDITION_NAME, _locked, ensure_assets  # noqa: E402
-from lpips_weights import BACKBONE_FILES  # noqa: E402
 
 WORKFLOW = PACK_DIR / "workflows" / "controlsync_panorama.json"
 SYNC_WORKFLOW = PACK_DIR / "workflows" / "controlsync_anchorsync.json"
@@ -45,7 +45,6 @@ LOOP_WORKFLOW = PACK_DIR / "workflows" / "collage_loop360.json"
 OUTPAINT_WORKFLOW = PACK_DIR / "workflows" / "collage_outpaint.json"
 CUBEMAP_WORKFLOW = PACK_DIR / "workflows" / "collage_cubemap360.json"
 OUTPAINT_PHOTO = PACK_DIR / "workflows" / "controlsync_outpaint_photo.jpg"
-LPIPS_DIR = Path(__file__).resolve().parent / ".cache" / "lpips"  # shared with test_sync.py
 LPIPS_FILES = tuple(BACKBONE_FILES.values())
 RUNNER = PACK_DIR / "workflows" / "run_workflow.py"
 PACK_NODES = ("WindowPlanner", "ControlSyncSampler", "ControlSyncWindowedModel", "AnchorSync", "FactorGraphCollage",

@@ -11,14 +11,12 @@ its loss, and lowers the windows' LPIPS to the anchor; a factor-graph loop has n
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from lpips_weights import reference_lpips
 
-LPIPS_DIR = Path(__file__).resolve().parent / ".cache" / "lpips"  # shared with test_sync.py
 CANVAS_PX = (64, 192)
 LATENT_HW = (8, 24)
 STARTS = [0, 4, 8, 12, 16]  # 64 px windows every 32 px, in latent cells
@@ -35,7 +33,6 @@ PIXEL_HINTS = ("controlnet", "control_lora", "xlabs")  # the rest encode the hin
 @pytest.fixture(scope="module")
 def f(comfy):
     import comfy.patcher_extension
-    import folder_paths
     import nodes
     import lpips_weights
     import tiny_families as tf
@@ -47,8 +44,7 @@ def f(comfy):
     from controlsync.nodes.window_planner import WindowPlanner
     from controlsync.nodes.windowed_model import ControlSyncWindowedModel
 
-    lpips_weights.write_lpips_backbones(LPIPS_DIR)
-    folder_paths.add_model_folder_path("lpips", str(LPIPS_DIR))
+    lpips_weights.use_cached_backbones()
 
     class F:
         pass
@@ -360,7 +356,7 @@ class Reference:
         w["model"].pre_run()  # what sampling does first: the model knows its patcher
         self.dtype = w["dtype"]
         self.patches = {"patches": {"input_block_patch_after_skip": [lambda h, o: h.clone()]}}
-        self.lpips = reference_lpips("alex", LPIPS_DIR, self.dtype)
+        self.lpips = reference_lpips("alex", self.dtype)
         self.conds = {}
 
     def window_conds(self, k):

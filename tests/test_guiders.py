@@ -15,13 +15,12 @@ text context).
 """
 from __future__ import annotations
 
-import inspect
 
 import pytest
 import torch
 
 from test_samplers_sync import CANVAS_PX, LATENT, PROMPT_SCALE, SEED, STARTS, world_at
-from test_sync import LPIPS_DIR, build_world, s, sync_settings  # noqa: F401  (s: the shared fixture)
+from test_sync import s, sync_settings  # noqa: F401  (s: the shared fixture)
 from window_reference import WindowReference
 
 STEPS = 3

@@ -85,7 +85,7 @@ def test_evaluate_command_prints_json_and_refuses_bad_input(tmp_path):
     from PIL import Image
 
     import lpips_weights
-    lpips_dir = Path(__file__).resolve().parent / ".cache" / "lpips"
+    lpips_dir = lpips_weights.LPIPS_DIR
     lpips_weights.write_lpips_backbones(lpips_dir)
     rng = np.random.default_rng(0)
     wide = tmp_path / "wide.png"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_sync import LPIPS_DIR, build_world, s, sync_settings  # noqa: F401  (s: the shared fixture)
+from test_sync import build_world, s, sync_settings  # noqa: F401  (s: the shared fixture)
 from window_reference import WindowReference
 
 CANVAS_PX = (64, 128)

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import logging
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
 from lpips_weights import reference_lpips
 
-LPIPS_DIR = Path(__file__).resolve().parent / ".cache" / "lpips"
 CANVAS_PX = (64, 192)
 WINDOW_STARTS = [0, 4, 8, 12, 16]  # 64 px windows, stride 32 px, in latent cells
 
@@ -24,7 +22,6 @@ WINDOW_STARTS = [0, 4, 8, 12, 16]  # 64 px windows, stride 32 px, in latent cell
 @pytest.fixture(scope="module")
 def s(comfy):
     import comfy.patcher_extension
-    import folder_paths
     import nodes
     import lpips_weights
     import tiny_models as tm
@@ -33,8 +30,7 @@ def s(comfy):
     from controlsync.nodes.controlsync_sampler import ControlSyncSampler
     from controlsync.nodes.window_planner import WindowPlanner
 
-    lpips_weights.write_lpips_backbones(LPIPS_DIR)
-    folder_paths.add_model_folder_path("lpips", str(LPIPS_DIR))
+    lpips_weights.use_cached_backbones()
 
     class S:
         pass
@@ -96,7 +92,7 @@ class Reference:
         self.model = world["model"].model
         self.hint = s.image.movedim(-1, 1).to(world["dtype"])
         self.patches = {"patches": {"input_block_patch_after_skip": [lambda h, o: h.clone()]}}
-        self.lpips = reference_lpips(net, LPIPS_DIR, world["dtype"])
+        self.lpips = reference_lpips(net, world["dtype"])
 
     def denoise(self, x, sigma, window):
         """CFG'd x0-prediction of one window, its ControlNet fed the window's crop of the hint."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_sync import LPIPS_DIR, build_world, s, sync_settings  # noqa: F401  (s: the shared fixture)
+from test_sync import build_world, s, sync_settings  # noqa: F401  (s: the shared fixture)
 
 STEPS, SEED, WEIGHT = 2, 3, 20.0
 
@@ -66,7 +66,7 @@ class PlanReference:
         hint = image.movedim(-1, 1).to(world["dtype"])
         self.hint = comfy.utils.common_upscale(hint, W * 8, H * 8, "nearest-exact", "center")
         self.patches = {"patches": {"input_block_patch_after_skip": [lambda h, o: h.clone()]}}
-        self.lpips = reference_lpips(net, LPIPS_DIR, world["dtype"])
+        self.lpips = reference_lpips(net, world["dtype"])
         self.factors = [i for i, f in enumerate(layout.factors_of) if f == (i,)] if layout.factors_of \
             else list(range(len(layout.regions)))
 

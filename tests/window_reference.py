@@ -16,13 +16,11 @@ without sync this is exactly ComfyUI's Heun over the merged denoiser).
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 
 from lpips_weights import reference_lpips
 
-LPIPS_DIR = Path(__file__).resolve().parent / ".cache" / "lpips"
 WIDTH = 8  # latent cells per window (64 px)
 
 
@@ -45,7 +43,7 @@ class WindowReference:
         self.model = world["model"].model
         self.dtype = world["dtype"]
         self.hint = image.movedim(-1, 1).to(self.dtype)
-        self.lpips = reference_lpips(net, LPIPS_DIR, self.dtype)
+        self.lpips = reference_lpips(net, self.dtype)
         self.evaluations = []  # (sigma, window, role, perturbed, x requires grad) of every model call
 
     # --- one window's predictions -------------------------------------------------------------
