@@ -1,22 +1,32 @@
-"""Conditional generation on a collage: known pixels kept while the rest is generated (plain torch).
+"""Conditional generation on a collage: an observation y = H u of the result kept while the rest is
+generated (plain torch).
 
-DiffCollage (Sec. 4.3) names two ways to condition a sample on known pixels y under a mask H:
-- Replacement: every step the x0-prediction (and x_t) is projected onto the known pixels. ComfyUI's
-  noise mask does exactly this (KSamplerX0Inpaint), so the sampler leaves it to ComfyUI.
-- Reconstruction: the gradient of ||H x0(x_t) - y||^2 is added to the score. In denoised form, as in
-  Video Diffusion Models (Ho et al. 2022, eq. 7) written in ComfyUI's VE coordinates:
-      D_eff = D - (w / 2) grad_x ||H D(x) - y||^2
-  With w = 1 and a denoiser whose Jacobian is the identity on the known cells (small sigma), D_eff
-  equals y there: Replacement is the limit; at large sigma the Jacobian, hence the pull, is small.
+DiffCollage (appendix C.1) conditions a sample on y = H u, H a known linear map - a mask (outpainting,
+inpainting: `Masking`) or a low-pass filter (super-resolution: `lowpass.AreaDownsample`) - in two ways:
+- Replacement (Algorithm 4, ILVR / DDRM): every step the x0-prediction is projected,
+      x0 <- H^+ y + (I - H^+ H) x0 = x0 + H^+ (y - H x0)            (`project`)
+  For a mask ComfyUI's noise mask does this (KSamplerX0Inpaint, which also sets x_t on the known cells to
+  y noised to the step's level), so the sampler leaves that case to ComfyUI.
+- Reconstruction (Algorithm 5): the gradient of ||H x0(x_t) - y||^2 is added to the score. In denoised
+  form, as in Video Diffusion Models (Ho et al. 2022, eq. 7) written in ComfyUI's VE coordinates:
+      D_eff = D - (w / (2 g)) grad_x ||H D(x) - y||^2,   g = the largest eigenvalue of H H^T
+  (the paper's lambda_t = w / (2 g) per step). Where the denoiser's Jacobian is the identity (small sigma)
+  the residual becomes (I - H H^T / g)(H D - y): w = 1 is the largest weight that never overshoots, and
+  where H H^T = g I - masks (g = 1), area downsampling by an integer ratio k x k (g = 1 / k^2) - it lands
+  on y: Replacement is the limit; at large sigma the Jacobian, hence the pull, is small.
   On a collage D is the merged prediction x0(x) = sum_R c_R m_R D_R(x_R) / N (N = sum_R c_R m_R per
   cell), and its gradient is, by the chain rule through the merge,
-      grad_x ||H x0 - y||^2 = sum_R scatter_R( J_R^T gather_R(2 H^2 (x0 - y) c_R m_R / N) ),
-  one vector-Jacobian product per region whose merge weight touches a known cell
-  (`collage_reconstruction`). The older per-region form (`reconstruction_correction`, each region
-  pulled by its own residual D_R - y, then merged) is not this gradient once regions overlap.
-Both run jointly over the whole collage (one step for every region), or autoregressively: one
-window after another, each a full sampling run outpainting from what is known so far (the paper's
+      grad_x ||H x0 - y||^2 = sum_R scatter_R( J_R^T gather_R(2 H^T (H x0 - y) c_R m_R / N) ),
+  one vector-Jacobian product per region whose merge weight touches a cell where H^T (H x0 - y) is not
+  zero (`reconstruct`). The older per-region form (`reconstruction_correction`, each region pulled by
+  its own residual D_R - y under a mask, then merged) is not this gradient once regions overlap.
+Both run jointly over the whole collage (one step for every region), or, for masks, autoregressively:
+one window after another, each a full sampling run outpainting from what is known so far (the paper's
 baselines).
+
+An observation is any object with `__call__(u)` = H u and `adjoint(v)` = H^T v on canvas-shaped tensors
+(B, C, h, w), `gain` (g above), and `pinv(v)` = H^+ v for Replacement. They are applied without autograd: the sampler calls
+them under ComfyUI's inference mode, where tensors they hold could not be saved for a backward pass.
 """
 from __future__ import annotations
 
@@ -33,8 +43,8 @@ def reconstruction_correction(x: torch.Tensor, denoise, known: torch.Tensor, mas
                               weight: float) -> tuple[torch.Tensor, float]:
     """(what to subtract from D(x), ||H D(x) - y||) for one region: (w / 2) grad_x ||H D(x) - y||^2.
     `denoise` must be differentiable; `mask` is 1 on known cells. Exact for a single region; on a collage
-    of overlapping regions `collage_reconstruction` is the gradient of the merged prediction's error (this
-    per-region form stays until the sampler switches over)."""
+    of overlapping regions `reconstruct` is the gradient of the merged prediction's error (this per-region
+    form is kept as the comparison the test bed measures against)."""
     x = x.detach().clone().requires_grad_(True)
     residual = (denoise(x) - known) * mask
     loss = residual.pow(2).sum()
@@ -42,20 +52,42 @@ def reconstruction_correction(x: torch.Tensor, denoise, known: torch.Tensor, mas
     return (weight / 2) * grad.detach(), float(loss.detach().sqrt())
 
 
-def collage_reconstruction(plan: RegionPlan, x: torch.Tensor, denoise_region, x0: torch.Tensor, known: torch.Tensor,
-                           mask: torch.Tensor, weight: float, batches: list[tuple[int, ...]] | None = None) -> torch.Tensor:
-    """DiffCollage's Reconstruction on the whole collage: (w / 2) grad_x ||mask * (x0(x) - known)||^2, the
-    canvas tensor to subtract from the merged prediction x0 (D_eff = x0 - this).
+class Masking:
+    """H = diag(mask): the known-pixels observation (mask 1 on known cells; a soft mask weighs the error by
+    mask^2). y = mask * known."""
+    gain = 1.0  # H H^T = diag(mask^2): 1 for a binary mask (a soft mask keeps the same w)
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask
+
+    def __call__(self, u: torch.Tensor) -> torch.Tensor:
+        return self.mask * u
+
+    adjoint = __call__
+
+    def pinv(self, v: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.mask != 0, v / torch.where(self.mask != 0, self.mask, 1), 0)
+
+
+def project(observation, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Replacement's projection H^+ y + (I - H^+ H) x0, as x0 + H^+ (y - H x0)."""
+    return x0 + observation.pinv(y - observation(x0))
+
+
+def reconstruct(plan: RegionPlan, x: torch.Tensor, denoise_region, x0: torch.Tensor, observation, y: torch.Tensor,
+                weight: float, batches: list[tuple[int, ...]] | None = None) -> torch.Tensor:
+    """DiffCollage's Reconstruction on the whole collage: (w / (2 g)) grad_x ||H x0(x) - y||^2 (g: the
+    observation's gain, module doc), the canvas tensor to subtract from the merged prediction x0 (D_eff = x0 - this).
 
     x: the canvas latent (B, C, H, W) the step denoises; x0: the plan's merged prediction at x (no grad
-    needed); known, mask: canvas-shaped or broadcastable (mask 1 on known cells; soft masks weigh the error
-    by mask^2, as ||H (x0 - y)||^2 with H = diag(mask)); denoise_region(batch, x_batch): the predictions of the
-    regions in `batch` at their gathered latents stacked along dim 0, differentiable in x_batch (called with
-    a fresh leaf tensor that requires grad, so run this outside inference mode). `batches`: the regions that
-    may share one graph (equal sizes; default one region each). Regions whose merge weight is zero on every
-    cell with an error (no known cell, or coefficient 0) are not called."""
+    needed); observation: H (module doc), y: the observation, shaped like H x0 or broadcastable to it;
+    denoise_region(batch, x_batch): the predictions of the regions in `batch` at their gathered latents
+    stacked along dim 0, differentiable in x_batch (called with a fresh leaf tensor that requires grad, so
+    run this outside inference mode). `batches`: the regions that may share one graph (equal sizes; default
+    one region each). Regions whose merge weight is zero on every cell where H^T (H x0 - y) is not (no
+    observed cell, or coefficient 0) are not called."""
     weights = region_weights(plan, x.dtype, x.device)
-    error = 2 * mask * mask * (x0 - known) / normalizer(plan, weights)  # d||H (x0 - y)||^2 / dx0, over N
+    error = 2 * observation.adjoint(observation(x0) - y) / normalizer(plan, weights)  # d||H x0 - y||^2 / dx0, over N
     gradient = torch.zeros_like(x)
     for batch in batches or [(i,) for i in range(len(plan.regions))]:
         vs = {i: gather(error, plan.regions[i]) * weights[i] for i in batch}
@@ -69,7 +101,14 @@ def collage_reconstruction(plan: RegionPlan, x: torch.Tensor, denoise_region, x0
         (vjp,) = torch.autograd.grad(out, x_batch, grad_outputs=v.to(out.dtype))
         for i, part in zip(batch, vjp.detach().chunk(len(batch))):
             scatter_add(gradient, plan.regions[i], part.to(gradient.dtype))
-    return (weight / 2) * gradient
+    return (weight / (2 * observation.gain)) * gradient
+
+
+def collage_reconstruction(plan: RegionPlan, x: torch.Tensor, denoise_region, x0: torch.Tensor, known: torch.Tensor,
+                           mask: torch.Tensor, weight: float, batches: list[tuple[int, ...]] | None = None) -> torch.Tensor:
+    """`reconstruct` with the known-pixels observation: H = diag(mask), y = mask * known (mask 1 on known
+    cells, canvas-shaped or broadcastable). Kept for the bridge's call until it passes the observation itself."""
+    return reconstruct(plan, x, denoise_region, x0, Masking(mask), mask * known, weight, batches)
 
 
 def autoregressive_order(plan: RegionPlan, known: torch.Tensor) -> list[int]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .conditional import collage_reconstruction, reconstruction_correction
+from .conditional import Masking, project, reconstruct, reconstruction_correction
 from .merge import gather, merge
 from .plans import RegionPlan
 from .sync import SyncSchedule, fold_update, identity_through, shrinkage, sync_deltas, window_sync_gradient
@@ -108,16 +108,19 @@ def sample(world: GlobalStyleWorld, plan: RegionPlan, n: int, steps: int = 60, s
     return x[:, 0, 0, :]
 
 
-def sample_conditional(world: GlobalStyleWorld, plan: RegionPlan, known: torch.Tensor, mask: torch.Tensor,
-                       method: str, weight: float = 1.0, steps: int = 60, seed: int = 0):
-    """Euler sampling of canvases (len(known) of them) holding `known` (N, L) where `mask` (L) is 1, jointly
-    over the plan's regions, with the pack's Replacement, Reconstruction per region ("reconstruction") or
-    Reconstruction of the merged x0 ("collage_reconstruction"); anything else: no guidance. Returns the samples and, per
-    step, the mean of ||H x0 - y|| of the merged x0-prediction the step moves toward."""
+def sample_conditional(world: GlobalStyleWorld, plan: RegionPlan, observation, y: torch.Tensor, method: str,
+                       weight: float = 1.0, steps: int = 60, seed: int = 0, noised_known: bool = False):
+    """Euler sampling of canvases (len(y) of them) conditioned on y = H x0 (y: (N, m), H = `observation` on the
+    (N, 1, 1, L) canvas), jointly over the plan's regions: "replacement" (Algorithm 4: the merged x0-prediction
+    projected, H^+ y + (I - H^+ H) x0), "reconstruction" (Reconstruction per region, each by its own masked
+    residual: `Masking` only), "collage_reconstruction" (Reconstruction of the merged x0, `reconstruct`);
+    anything else: no guidance. `noised_known`: after each step also x <- x + H^+ (y + sigma_next H eps - H x),
+    for a mask x_t on the known cells set to y noised to the next level, as ComfyUI's noise mask does.
+    Returns the samples and, per step, the mean of ||H x0 - y|| of the x0-prediction the step moves toward."""
     sigmas = schedule(steps)
     g = torch.Generator().manual_seed(seed)
-    y, m = _as_canvas(known), mask.to(torch.float64).view(1, 1, 1, -1)
-    x = _as_canvas(torch.randn(*known.shape, generator=g, dtype=torch.float64) * sigmas[0])
+    y = _as_canvas(y)
+    x = _as_canvas(torch.randn(y.shape[0], world.length, generator=g, dtype=torch.float64) * sigmas[0])
     denoise = window_denoiser(world, plan)
     trace = []
     for k in range(steps):
@@ -127,22 +130,23 @@ def sample_conditional(world: GlobalStyleWorld, plan: RegionPlan, known: torch.T
             xw = gather(x, region)
             d = denoise(i, xw, sigma)
             if method == "reconstruction":
+                m = observation.mask.expand_as(x)
                 with torch.enable_grad():
                     correction, _ = reconstruction_correction(xw, lambda v, i=i: denoise(i, v, sigma),
-                                                              gather(y, region), gather(m, region), weight)
+                                                              gather(y.expand_as(x), region), gather(m, region), weight)
                 d = d - correction
             predictions.append(d)
         predicted = merge(plan, predictions)
         if method == "collage_reconstruction":  # the gradient of the merged x0's error
-            with torch.enable_grad():
-                predicted = predicted - collage_reconstruction(plan, x, lambda b, v: denoise(b[0], v, sigma), predicted,
-                                                               y, m, weight)
+            predicted = predicted - reconstruct(plan, x, lambda b, v: denoise(b[0], v, sigma), predicted, observation,
+                                                y, weight)
         if method == "replacement":
-            predicted = predicted * (1 - m) + y * m
-        trace.append(float(((predicted - y) * m).flatten(1).norm(dim=1).mean()))
+            predicted = project(observation, predicted, y)
+        trace.append(float((observation(predicted) - y).flatten(1).norm(dim=1).mean()))
         x = x + (sigmas[k + 1] - sigmas[k]) * (x - predicted) / sigmas[k]
-        if method == "replacement":  # x_t on the known cells: the known pixels noised to the next level
-            x = x * (1 - m) + (y + sigmas[k + 1] * torch.randn(x.shape, generator=g, dtype=torch.float64)) * m
+        if noised_known:
+            noise = torch.randn(x.shape, generator=g, dtype=torch.float64)
+            x = x + observation.pinv(y + sigmas[k + 1] * observation(noise) - observation(x))
     return x[:, 0, 0, :], trace
 
 

@@ -9,7 +9,7 @@ from comfy_host import load_sampling
 S = load_sampling()
 from controlsync_sampling import cubemap, testbed  # noqa: E402
 from controlsync_sampling.collage import FactorGraphPlan  # noqa: E402
-from controlsync_sampling.conditional import (autoregressive_order, collage_reconstruction,  # noqa: E402
+from controlsync_sampling.conditional import (Masking, autoregressive_order, collage_reconstruction,  # noqa: E402
                                               reconstruction_correction)
 
 
@@ -23,16 +23,21 @@ def outpainting_case():
     return world, plan, truth * mask, mask
 
 
+def masked(mask):
+    """The known cells as the test bed's observation of its (N, 1, 1, L) canvas."""
+    return Masking(mask.view(1, 1, 1, -1))
+
+
 def test_reconstruction_lowers_the_known_residual_step_by_step():
     """With exact denoisers (symmetric Jacobians in [0, I)), each Reconstruction step shrinks ||H x0 - y||;
     with no guidance the known cells are not reached at all."""
     world, plan, known, mask = outpainting_case()
-    x, trace = testbed.sample_conditional(world, plan, known, mask, "reconstruction", 1.0)
+    x, trace = testbed.sample_conditional(world, plan, masked(mask), known, "reconstruction", 1.0)
     later = trace[10:]  # after the first steps, where the prediction is still mostly the prior's mean
     print(f"[conditional] reconstruction ||H x0 - y||: {trace[0]:.3f} -> {trace[20]:.3f} -> {trace[40]:.2e} -> {trace[-1]:.1e}")
     assert all(b <= a * (1 + 1e-9) for a, b in zip(later, later[1:])) and trace[-1] < 1e-3 * trace[0]
     assert float(((x - known) * mask).norm(dim=1).mean()) < 1e-3
-    free, _ = testbed.sample_conditional(world, plan, known, mask, "none")
+    free, _ = testbed.sample_conditional(world, plan, masked(mask), known, "none")
     assert float(((free - known) * mask).norm(dim=1).mean()) > 1.0
 
 
@@ -62,7 +67,7 @@ def test_replacement_is_the_papers_projection():
     """The test bed's joint Replacement equals the loop above (merge, projection, Euler step, re-noised known
     cells), and ends exactly on the known cells."""
     world, plan, known, mask = outpainting_case()
-    replaced, _ = testbed.sample_conditional(world, plan, known, mask, "replacement")
+    replaced, _ = testbed.sample_conditional(world, plan, masked(mask), known, "replacement", noised_known=True)
     reference = replacement_reference(world, known, mask)
     assert torch.allclose(replaced, reference, rtol=1e-9, atol=1e-10)
     assert torch.equal(reference * mask, known * mask)
@@ -190,8 +195,8 @@ def test_collage_reconstruction_lowers_the_known_residual_on_the_test_bed():
     """On the analytic test bed (exact Gaussian denoisers), Reconstruction as the gradient of the merged x0's
     error brings ||H x0 - y|| down step by step, like the per-region form, and holds the known cells."""
     world, plan, known, mask = outpainting_case()
-    x, trace = testbed.sample_conditional(world, plan, known, mask, "collage_reconstruction", 1.0)
-    _, per_region = testbed.sample_conditional(world, plan, known, mask, "reconstruction", 1.0)
+    x, trace = testbed.sample_conditional(world, plan, masked(mask), known, "collage_reconstruction", 1.0)
+    _, per_region = testbed.sample_conditional(world, plan, masked(mask), known, "reconstruction", 1.0)
     later = trace[10:]
     print(f"[conditional] collage reconstruction ||H x0 - y||: {trace[0]:.3f} -> {trace[20]:.3f} -> {trace[40]:.2e} -> "
           f"{trace[-1]:.1e} (per-region form: {per_region[0]:.3f} -> {per_region[20]:.3f} -> {per_region[40]:.2e} -> "
