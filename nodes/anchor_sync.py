@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..sampling.sync import LOSS_NETS, SyncSchedule
+from ..sampling.sync import LOSS_NETS, SYNC_STARTS, SyncSchedule
 from . import bridge
 from .schema import SyncType, schema
 
@@ -47,19 +47,25 @@ class AnchorSync(io.ComfyNode):
                                tooltip="vae: the loss looks through the full VAE decoder (the paper). taesd: through "
                                        "ComfyUI's tiny TAESD decoder (models/vae_approx/taesd_decoder.*, the preview "
                                        "decoder) - much faster and lighter, approximate."),
+                io.Combo.Input("count_from", options=list(SYNC_STARTS), default="schedule", optional=True,
+                               tooltip="schedule: sync_steps counts from the start of the whole noise schedule (the "
+                                       "papers). A sampler at denoise below 1 skips that start, so img2img at denoise "
+                                       "0.5 syncs nothing. run: counts from the first step that runs - img2img and "
+                                       "upscaling at denoise 0.5 and 20 steps sync the first 4 of those 20, where the "
+                                       "run still changes colour and lighting."),
             ],
             outputs=[SyncType.Output(display_name="sync", tooltip="Connect to ControlSync Sampler's sync input.")],
         )
 
     @classmethod
     def execute(cls, vae, weight, decay, sync_steps, lpips_net, gradient, loss_resolution="full",
-                loss_decoder="vae") -> io.NodeOutput:
+                loss_decoder="vae", count_from="schedule") -> io.NodeOutput:
         if vae is None or getattr(vae, "first_stage_model", None) is None:
             raise ValueError("vae: AnchorSync needs a VAE with a decoder (the checkpoint's VAE); none was given")
         try:
             bridge.lpips_backbone_path(lpips_net)
         except FileNotFoundError as e:
             raise ValueError(f"lpips_net: {e}") from None
-        schedule = SyncSchedule(weight=weight, decay=decay, steps=sync_steps)
+        schedule = SyncSchedule(weight=weight, decay=decay, steps=sync_steps, start=count_from)
         return io.NodeOutput(bridge.SyncSettings(schedule, vae, lpips_net, gradient == "exact",
                                                  2 if loss_resolution == "half" else 1, loss_decoder))

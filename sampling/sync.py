@@ -55,6 +55,13 @@ so its step i is step int(N / d) - N + i there. When only the sigmas are known a
 schedule (split sigmas, a custom schedule), the same part of the noise schedule is measured the way
 ComfyUI measures ControlNet start/end percents: a step is synced when its noise level p (0 = pure noise,
 1 = clean) is below 10/50, with weight w * decay^(50 p).
+
+Counted from the run (`start` "run", for img2img and upscaling). At KSampler's denoise d the run starts past
+the first 1 - d of the noise schedule, so the papers' rule syncs nothing once d <= 1 - 10/50 (img2img at
+0.5). Counted from the run, the steps that actually run are taken as the whole schedule: the first
+floor(10 N / 50 + 1/2) of the N steps run are synced, decaying per 50-step-equivalent of the run; by noise
+level, a step is synced while (p - p0) / (1 - p0) < 10/50, p0 the level of the run's first sigma. The windows
+then agree on colour and lighting where an img2img run still changes them: its first, noisiest steps.
 """
 from __future__ import annotations
 
@@ -68,16 +75,23 @@ from .merge import gather, scatter_add
 from .plans import RegionPlan
 
 LOSS_NETS = ("vgg", "alex")
+SYNC_STARTS = ("schedule", "run")
 
 
 @dataclass(frozen=True)
 class SyncSchedule:
     """w_t = weight * decay^t for the first `steps` of a `reference_steps`-step schedule (the papers:
-    20, 0.95, 10 of 50); see the module doc for other step counts and partial schedules."""
+    20, 0.95, 10 of 50); see the module doc for other step counts and partial schedules. `start`: counted
+    from the start of the whole noise schedule ("schedule", the papers) or of the steps that run ("run")."""
     weight: float = 20.0
     decay: float = 0.95
     steps: int = 10
     reference_steps: int = 50
+    start: str = "schedule"
+
+    def __post_init__(self):
+        if self.start not in SYNC_STARTS:
+            raise ValueError(f"sync start must be one of {SYNC_STARTS}, got {self.start!r}")
 
     @property
     def fraction(self) -> float:
@@ -102,10 +116,16 @@ class SyncSchedule:
                      position: tuple[int, int] | None = None) -> list[float]:
         """w_t for every step of the schedule `sigmas` (ending with the final sigma). `position`:
         (offset, total) when the schedule is steps offset .. of a known `total`-step schedule (a whole
-        schedule: (0, steps)); else the noise-level rule, `level_of(sigma)` giving a sigma's level."""
+        schedule: (0, steps)); else the noise-level rule, `level_of(sigma)` giving a sigma's level. With
+        `start` "run" the run is counted as a whole schedule of its own (module doc)."""
         steps = len(sigmas) - 1
         if self.weight == 0.0 or steps < 1:
             return [0.0] * max(steps, 0)
+        if self.start == "run" and position is not None:
+            position = (0, steps)
+        elif self.start == "run":
+            first, absolute = level_of(sigmas[0]), level_of
+            level_of = lambda sigma: (absolute(sigma) - first) / max(1.0 - first, 1e-12)  # noqa: E731
         if position is not None:
             offset, total = position
             return [self.weight_at(offset + i, total) for i in range(steps)]

@@ -64,3 +64,29 @@ def test_weight_zero_syncs_nothing():
     assert SyncSchedule(0.0, 0.95, 10).step_weights([1.0] * 51, None, (0, 50)) == [0.0] * 50
     assert not math.isnan(SyncSchedule(20.0, 0.95, 0).step_weights([1.0] * 51, None, (0, 50))[0])
     assert SyncSchedule(20.0, 0.95, 0).step_weights([1.0] * 51, None, (0, 50)) == [0.0] * 50
+
+
+def test_counting_from_the_run_syncs_the_first_steps_that_run():
+    """img2img: KSampler's denoise 0.5 at 20 steps samples the last 20 of int(20 / 0.5) = 40 steps. Counted
+    from the schedule (the papers) none of them is among its first floor(10 * 40 / 50 + 0.5) = 8; counted from
+    the run, the first floor(10 * 20 / 50 + 0.5) = 4 of the 20 are, decaying per 50-step-equivalent of the run
+    (0.95^2.5 a step). A run that starts the schedule is counted the same either way."""
+    papers, run = SyncSchedule(20.0, 0.95, 10), SyncSchedule(20.0, 0.95, 10, start="run")
+    assert papers.step_weights([1.0] * 21, None, (20, 40)) == [0.0] * 20
+    assert run.step_weights([1.0] * 21, None, (20, 40)) == pytest.approx(
+        [20.0, 20 * 0.95 ** 2.5, 20 * 0.95 ** 5, 20 * 0.95 ** 7.5] + [0.0] * 16, rel=1e-12)
+    assert run.step_weights([1.0] * 26, None, (0, 25)) == papers.step_weights([1.0] * 26, None, (0, 25))
+    with pytest.raises(ValueError, match="sync start"):
+        SyncSchedule(start="denoise")
+
+
+def test_counting_from_the_run_by_noise_level():
+    """Split or custom sigmas counted from the run: levels measured from the run's first, (p - p0) / (1 - p0).
+    sigma = 10 (1 - p): a run from sigma 5 (p0 = 0.5) through 4.5 (0.55), 3.8 (0.62): rebased 0, 0.1, 0.24, so
+    the first two are synced (w 20 and 20 * 0.95^5); from the schedule's start none is (all past 0.2)."""
+    def level(sigma):
+        return noise_level(sigma, lambda p: 10.0 * (1.0 - p))
+    sigmas = [5.0, 4.5, 3.8, 0.0]
+    assert SyncSchedule(20.0, 0.95, 10, start="run").step_weights(sigmas, level) == pytest.approx(
+        [20.0, 20 * 0.95 ** 5, 0.0], rel=1e-9)
+    assert SyncSchedule(20.0, 0.95, 10).step_weights(sigmas, level) == [0.0, 0.0, 0.0]
