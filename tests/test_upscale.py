@@ -50,3 +50,32 @@ def test_img2img_at_denoise_half_syncs_the_first_steps_that_run(s, encoded):
     moved = float((results["run"] - unsynced).norm() / unsynced.norm())
     print(f"[upscale] img2img at denoise {DENOISE}: sync counted from the run moves the result by {moved:.4f} (relative)")
     assert moved > 1e-3
+
+
+@pytest.mark.parametrize("low_res", [(16, 48), (24, 72)])
+def test_tile_controlnet_on_the_low_resolution_input_gets_each_windows_crop(s, encoded, low_res):
+    """A tile ControlNet's condition is the low-resolution input itself, at any size (here 1/4 and 3/8 of the
+    192x64 canvas): a forward hook on the real ControlNet module sees, for every window, the window's crop of
+    that image resized to the canvas as ComfyUI resizes a hint (common_upscale, the ControlNet's algorithm)."""
+    import comfy.utils
+    world = s.inference
+    small = torch.nn.functional.interpolate(s.image.movedim(-1, 1), size=low_res, mode="area").movedim(1, -1)
+    with torch.inference_mode():
+        tile = s.tm.tiny_controlnet(7)
+        pos, neg = s.nodes.ControlNetApplyAdvanced().apply_controlnet(world["pos_text"], world["neg_text"], tile, small,
+                                                                      1.0, 0.0, 1.0)
+    hints = []
+    handle = tile.control_model.register_forward_hook(lambda m, a, kw, out: hints.append(kw["hint"].clone()),
+                                                      with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            s.Sampler.execute(world["model"], SEED, 2, 7.5, "euler", "normal", pos, neg, encoded, s.plan, DENOISE, 1)
+    finally:
+        handle.remove()
+    canvas_hint = comfy.utils.common_upscale(small.movedim(-1, 1), 192, 64, tile.upscale_algorithm, "center")
+    starts = [0, 32, 64, 96, 128]
+    assert len(hints) == 2 * len(starts)  # two steps, one call per window (cond and uncond batched)
+    for i, hint in enumerate(hints):
+        x0 = starts[i % len(starts)]
+        assert hint.shape[-2:] == (64, 64)
+        assert torch.equal(hint[0], canvas_hint[0, :, :, x0:x0 + 64].to(hint.dtype)), (i, x0)
