@@ -95,3 +95,33 @@ def drift_profile(windows: list[torch.Tensor], anchor: int, lpips) -> list[float
     """Each window's LPIPS to the anchor window, in window order (windows: (3, h, w) crops of one size)."""
     reference = windows[anchor][None]
     return [float(lpips(w[None], reference)) for w in windows]
+
+
+def grid_seam_score(image: torch.Tensor, rows=(), columns=()) -> float:
+    """Mean |difference| across the given row and column boundaries (boundary b lies between pixels b - 1
+    and b) over the mean |difference| between all neighbouring pixels, both directions, of an image (C, H, W).
+    1.0: tile borders as invisible as any pixel step; a hard seam scores well above."""
+    down = (image[..., 1:, :] - image[..., :-1, :]).abs().mean(dim=(0, 2))  # per row boundary
+    right = (image[..., 1:] - image[..., :-1]).abs().mean(dim=(0, 1))       # per column boundary
+    if not rows and not columns:
+        raise ValueError("grid_seam_score: give the row or column boundaries to score")
+    across = torch.cat([down[[r - 1 for r in rows]], right[[c - 1 for c in columns]]])
+    interior = float(torch.cat([down, right]).mean())
+    return float(across.mean()) / max(interior, 1e-12)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, peak: float = 2.0) -> float:
+    """Peak signal-to-noise ratio in dB of two images of one size (peak: the value range, 2 for [-1, 1])."""
+    mse = float((a.double() - b.double()).pow(2).mean())
+    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(peak ** 2 / mse)).item()
+
+
+def tile_colour_drift(image: torch.Tensor, reference: torch.Tensor, tiles) -> float:
+    """How unevenly tiles changed colour: each tile's (y, x, h, w) mean colour shift against the same tile of
+    `reference` (C, H, W, the image before), the spread (std) of that shift across tiles, averaged over
+    channels. 0 when every tile shifted alike (or not at all)."""
+    shifts = torch.stack([(image[:, y:y + h, x:x + w] - reference[:, y:y + h, x:x + w]).mean(dim=(1, 2))
+                          for y, x, h, w in tiles])
+    if len(shifts) < 2:
+        raise ValueError("tile_colour_drift needs at least two tiles")
+    return float(shifts.std(dim=0).mean())

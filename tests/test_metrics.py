@@ -125,3 +125,33 @@ def test_evaluate_command_prints_json_and_refuses_bad_input(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "sampling.evaluate", str(wide), "--lpips-dir", str(tmp_path)],
                           cwd=pack, capture_output=True, text=True, env={"TORCH_HOME": str(tmp_path), "PATH": "/usr/bin"})
     assert proc.returncode == 2 and "vgg16-397923af.pth" in proc.stderr and "models/lpips" in proc.stderr
+
+
+def test_grid_seam_score_finds_a_step_at_the_border_it_is_given():
+    g = torch.Generator().manual_seed(5)
+    smooth = torch.rand(3, 32, 48, generator=g) * 0.1
+    assert 0.5 < M.grid_seam_score(smooth, rows=[16], columns=[24]) < 2.0  # noise: like any other step
+    cut = smooth.clone()
+    cut[:, :, 24:] += 0.5  # a tile to the right made brighter
+    cut[:, 16:, :] -= 0.3  # and the lower tiles darker
+    # by hand: across the column border |step| ~ 0.5 (+ noise), across the row border ~ 0.3; interior ~ 0.033
+    assert M.grid_seam_score(cut, columns=[24]) > 8 and M.grid_seam_score(cut, rows=[16]) > 5
+    assert M.grid_seam_score(cut, rows=[8], columns=[12]) < 2.0  # borders elsewhere see no seam
+    with pytest.raises(ValueError, match="boundaries"):
+        M.grid_seam_score(cut)
+
+
+def test_psnr_by_hand():
+    a = torch.zeros(3, 4, 4)
+    assert M.psnr(a, a) == float("inf")
+    assert M.psnr(a, a + 0.2) == pytest.approx(10 * torch.log10(torch.tensor(4.0 / 0.04)).item(), rel=1e-9)  # 20 dB
+
+
+def test_tile_colour_drift_is_zero_for_a_common_shift_and_the_spread_otherwise():
+    g = torch.Generator().manual_seed(6)
+    before = torch.rand(3, 16, 32, generator=g)
+    tiles = [(0, 0, 16, 16), (0, 16, 16, 16)]
+    assert M.tile_colour_drift(before + 0.25, before, tiles) == pytest.approx(0.0, abs=1e-6)
+    after = before.clone()
+    after[:, :, 16:] += 0.2  # one tile shifted by 0.2, the other not: std of (0, 0.2) = 0.1414
+    assert M.tile_colour_drift(after, before, tiles) == pytest.approx(0.2 / 2 ** 0.5, rel=1e-5)
