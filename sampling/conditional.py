@@ -43,7 +43,8 @@ def reconstruction_correction(x: torch.Tensor, denoise, known: torch.Tensor, mas
 
 
 def collage_reconstruction(plan: RegionPlan, x: torch.Tensor, denoise_region, x0: torch.Tensor, known: torch.Tensor,
-                           mask: torch.Tensor, weight: float, batches: list[tuple[int, ...]] | None = None) -> torch.Tensor:
+                           mask: torch.Tensor, weight: float, batches: list[tuple[int, ...]] | None = None,
+                           moves: list[torch.Tensor] | None = None) -> torch.Tensor:
     """DiffCollage's Reconstruction on the whole collage: (w / 2) grad_x ||mask * (x0(x) - known)||^2, the
     canvas tensor to subtract from the merged prediction x0 (D_eff = x0 - this).
 
@@ -52,8 +53,9 @@ def collage_reconstruction(plan: RegionPlan, x: torch.Tensor, denoise_region, x0
     by mask^2, as ||H (x0 - y)||^2 with H = diag(mask)); denoise_region(batch, x_batch): the predictions of the
     regions in `batch` at their gathered latents stacked along dim 0, differentiable in x_batch (called with
     a fresh leaf tensor that requires grad, so run this outside inference mode). `batches`: the regions that
-    may share one graph (equal sizes; default one region each). Regions whose merge weight is zero on every
-    cell with an error (no known cell, or coefficient 0) are not called."""
+    may share one graph (equal sizes; default one region each). `moves`: per region, the move its latent took
+    this step (AnchorSync): region R is denoised at gather_R(x) - moves[R], as x0 was. Regions whose merge weight
+    is zero on every cell with an error (no known cell, or coefficient 0) are not called."""
     weights = region_weights(plan, x.dtype, x.device)
     error = 2 * mask * mask * (x0 - known) / normalizer(plan, weights)  # d||H (x0 - y)||^2 / dx0, over N
     gradient = torch.zeros_like(x)
@@ -62,7 +64,8 @@ def collage_reconstruction(plan: RegionPlan, x: torch.Tensor, denoise_region, x0
         batch = tuple(i for i in batch if bool(vs[i].any()))
         if not batch:
             continue
-        x_batch = torch.cat([gather(x, plan.regions[i]) for i in batch]).detach().clone().requires_grad_(True)
+        x_batch = torch.cat([gather(x, plan.regions[i]) - (0 if moves is None else moves[i].to(x)) for i in batch])
+        x_batch = x_batch.detach().clone().requires_grad_(True)
         with torch.enable_grad():
             out = denoise_region(batch, x_batch)
         v = torch.cat([vs[i].expand(x.shape[0], *vs[i].shape[1:]) for i in batch])

@@ -16,7 +16,7 @@ import torch
 from .conditional import collage_reconstruction, reconstruction_correction
 from .merge import gather, merge
 from .plans import RegionPlan
-from .sync import SyncSchedule, fold_update, identity_through, shrinkage, sync_deltas, window_sync_gradient
+from .sync import SyncSchedule, jacobian_slope, kappa_bound, sync_deltas, window_sync_gradient
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,9 @@ def sample(world: GlobalStyleWorld, plan: RegionPlan, n: int, steps: int = 60, s
            seed: int = 0, fast: bool = False) -> torch.Tensor:
     """n canvases sampled with Euler steps where every step merges the windows' exact predictions with
     the pack's `merge`; with `sync`, each window first takes the pack's sync step, the loss being the
-    squared difference of the window's and the anchor's mean x0 (this world's "style"). `fast`: the
-    sync's fast mode (the denoiser's Jacobian taken as the identity; one evaluation per window)."""
+    squared difference of the window's and the anchor's mean x0 (this world's "style"), and the canvas steps
+    from the moved windows. `fast`: the sync's fast mode (no gradient through the denoiser: its slope along the
+    move from one forward difference)."""
     sigmas = schedule(steps)
     g = torch.Generator().manual_seed(seed)
     x = _as_canvas(torch.randn(n, world.length, generator=g, dtype=torch.float64) * sigmas[0])
@@ -72,38 +73,32 @@ def sample(world: GlobalStyleWorld, plan: RegionPlan, n: int, steps: int = 60, s
         return ((image.mean(dim=(-1, -2, -3)) - anchor_image.mean(dim=(-1, -2, -3))) ** 2)
 
     for k in range(steps):
-        sigma, r = float(sigmas[k]), float(sigmas[k + 1] / sigmas[k])
+        sigma = float(sigmas[k])
         windows = [gather(x, region) for region in plan.regions]
         weight = sync.weight_at(k, steps) if sync is not None else 0.0
-        deltas = None
+        predictions = [denoise(i, w, sigma) for i, w in enumerate(windows)]
         if sync is not None:  # the sync code runs whenever sync is given, also at w_t = 0 (then it must not move)
-            with torch.no_grad():
-                anchor_image = denoise(plan.anchor, windows[plan.anchor], sigma)
-
-            kappas = {}
+            anchor_image = predictions[plan.anchor]
+            others = [i for i in range(len(windows)) if i != plan.anchor]
 
             def gradient(batch, xw, sigma=sigma, anchor_image=anchor_image):
                 (i,) = batch
                 if not fast:
                     return window_sync_gradient(xw, lambda v: denoise(i, v, sigma), lambda x0: x0, style_loss, anchor_image)
-                x0 = denoise(i, xw, sigma)
-                value, g = window_sync_gradient(xw, identity_through(x0), lambda v: v, style_loss, anchor_image)
-                kappas[i] = shrinkage(x0, xw, g)
-                return value, kappas[i] * g
-            others = [i for i in range(len(windows)) if i != plan.anchor]
+                return window_sync_gradient(predictions[i], lambda v: v, lambda x0: x0, style_loss, anchor_image)
             with torch.enable_grad():
                 moved, _ = sync_deltas({i: windows[i] for i in others}, [(i,) for i in others], weight, sigma, gradient)
             deltas = [moved.get(i, torch.zeros_like(w)) for i, w in enumerate(windows)]
-        if deltas is not None and fast:
-            shifts = [kappas.get(i, 0.0) * d for i, d in enumerate(deltas)]
-            predicted = fold_update(merge(plan, [denoise(i, w, sigma) for i, w in enumerate(windows)]),
-                                    merge(plan, deltas), r, merge(plan, shifts))
-        elif deltas is not None:
-            moved_windows = [w - d for w, d in zip(windows, deltas)]
-            predicted = fold_update(merge(plan, [denoise(i, w, sigma) for i, w in enumerate(moved_windows)]),
-                                    merge(plan, deltas), r)
-        else:
-            predicted = merge(plan, [denoise(i, w, sigma) for i, w in enumerate(windows)])
+            if fast:  # the slope along the move at slope 1 from one forward difference
+                for i in others:
+                    probe = denoise(i, windows[i] - deltas[i], sigma)
+                    kappa = jacobian_slope(predictions[i], probe, deltas[i], kappa_bound("ve", sigma))
+                    predictions[i] = predictions[i] - kappa * (predictions[i] - probe)
+                    deltas[i] = kappa * deltas[i]
+            else:
+                predictions = [denoise(i, w - d, sigma) for i, (w, d) in enumerate(zip(windows, deltas))]
+            x = x - merge(plan, deltas)  # the papers: the canvas of moved windows steps
+        predicted = merge(plan, predictions)
         x = x + (sigmas[k + 1] - sigmas[k]) * (x - predicted) / sigmas[k]
     return x[:, 0, 0, :]
 

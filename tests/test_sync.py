@@ -161,7 +161,8 @@ def test_synced_run_equals_the_papers_algorithm(s, world64, sampler, scheduler):
     """Exact in float64 (the tiny random models' latents reach ~300, so float32 rounding alone is ~1e-4
     absolute there: checked relative below). ddim, heun, CFG++ and every guider: tests/test_samplers_sync.py,
     tests/test_guiders.py."""
-    schedule = s.bridge.SyncSchedule(20.0, 0.95, 50)
+    from controlsync.sampling.sync import SyncSchedule
+    schedule = SyncSchedule(20.0, 0.95, 50)
     for world, plain, tolerance in ((world64, build_world(s, torch.float64, inference=False), None),
                                     (s.inference, build_world(s, torch.float32, inference=False), 2e-6)):
         ref = Reference(s, plain).sample(3, 4, scheduler, schedule)
