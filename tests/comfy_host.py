@@ -1,6 +1,7 @@
 """Find the ComfyUI host the way users have it, and import it in-process on the CPU.
 
-Order: $COMFYUI_PATH, the ComfyUI this pack sits in (ComfyUI/custom_nodes/<pack>), ~/comfy/ComfyUI.
+Order: $COMFYUI_PATH, the ComfyUI this pack sits in (ComfyUI/custom_nodes/<pack>), ~/comfy-0.33.0/ComfyUI (what
+.ci/run builds), ~/comfy/ComfyUI (setup_comfyui_host.sh's default).
 The pack is imported as the package `controlsync` (its folder name may be anything).
 """
 from __future__ import annotations
@@ -15,6 +16,10 @@ import sys
 from pathlib import Path
 
 PACK_DIR = Path(__file__).resolve().parent.parent
+# the ComfyUI releases the README says the pack is tested with: the main host and the older one the end-to-end
+# servers also run (.ci/run builds both: ~/comfy-0.33.0/ComfyUI and ~/comfy-0.33.0/ComfyUI-0.3.64, one venv)
+MAIN_VERSION, OLD_VERSION = "0.33.0", "0.3.64"
+HOME_DIRS = (Path.home() / f"comfy-{MAIN_VERSION}", Path.home() / "comfy")
 OVERLAYS = PACK_DIR / "tests" / ".cache" / "host-overlays"
 
 
@@ -24,7 +29,7 @@ def find_host() -> Path | None:
         candidates.append(Path(os.environ["COMFYUI_PATH"]))
     if PACK_DIR.parent.name == "custom_nodes":
         candidates.append(PACK_DIR.parent.parent)
-    candidates.append(Path.home() / "comfy" / "ComfyUI")
+    candidates += [home / "ComfyUI" for home in HOME_DIRS]
     for c in candidates:
         if (c / "main.py").is_file() and (c / "comfy").is_dir():
             return c.resolve()
@@ -32,9 +37,16 @@ def find_host() -> Path | None:
 
 
 def old_host() -> Path | None:
-    """The older ComfyUI the end-to-end tests also run: $COMFYUI_OLD_PATH, else ~/comfy/ComfyUI-0.3.64."""
-    path = Path(os.environ.get("COMFYUI_OLD_PATH") or Path.home() / "comfy" / "ComfyUI-0.3.64")
-    return path.resolve() if (path / "main.py").is_file() and (path / "comfy").is_dir() else None
+    """The older ComfyUI the end-to-end tests also run: $COMFYUI_OLD_PATH, else ComfyUI-0.3.64 beside the main
+    host's work tree (~/comfy-0.33.0/ComfyUI-0.3.64, ~/comfy/ComfyUI-0.3.64)."""
+    if os.environ.get("COMFYUI_OLD_PATH"):
+        candidates = [Path(os.environ["COMFYUI_OLD_PATH"])]
+    else:
+        candidates = [home / f"ComfyUI-{OLD_VERSION}" for home in HOME_DIRS]
+    for path in candidates:
+        if (path / "main.py").is_file() and (path / "comfy").is_dir():
+            return path.resolve()
+    return None
 
 
 def host_version(host: Path) -> str:
