@@ -28,8 +28,9 @@ def counted_sampler(sampler, run):
     return counted
 
 
-def _counted_sampling(sampler_function, run, model, x, sigmas, *args, extra_args=None, callback=None, disable=None,
+def _counted_sampling(sampler_function, run, model, x, sigmas, extra_args=None, callback=None, disable=None, *args,
                       **options):
+    """k-diffusion's sampler signature (model, x, sigmas, extra_args, callback, disable, ...), by position or name."""
     extra_args = {} if extra_args is None else extra_args
     # the name users picked: k-diffusion's sample_<name>, or ComfyUI's <name>_function (dpm_fast, dpm_adaptive)
     name = getattr(sampler_function, "__name__", type(sampler_function).__name__).removeprefix("sample_").removesuffix("_function")
@@ -48,8 +49,8 @@ def _counted_sampling(sampler_function, run, model, x, sigmas, *args, extra_args
         if callback is not None:
             callback(d)
 
-    return sampler_function(_CountedModel(model, run), x, sigmas, *args, extra_args=extra_args,
-                            callback=counted_callback, disable=disable, **options)
+    return sampler_function(_CountedModel(model, run), x, sigmas, extra_args, counted_callback, disable, *args,
+                            **options)
 
 
 def _synced_steps(sampler_function, name, run, model, x, sigmas, extra_args, options) -> list[int]:
