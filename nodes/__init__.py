@@ -1,4 +1,4 @@
-"""ControlSync's ComfyUI nodes: one file per node, plus bridge.py, the one module that talks to ComfyUI internals."""
+"""ControlSync's ComfyUI nodes: one file per node, plus bridge/, the one package that talks to ComfyUI internals."""
 from .anchor_sync import AnchorSync
 from .coherence_report import CoherenceReport
 from .controlsync_sampler import ControlSyncSampler

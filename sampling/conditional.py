@@ -75,7 +75,8 @@ def project(observation, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def reconstruct(plan: RegionPlan, x: torch.Tensor, denoise_region, x0: torch.Tensor, observation, y: torch.Tensor,
-                weight: float, batches: list[tuple[int, ...]] | None = None) -> torch.Tensor:
+                weight: float, batches: list[tuple[int, ...]] | None = None,
+                moves: list[torch.Tensor] | None = None) -> torch.Tensor:
     """DiffCollage's Reconstruction on the whole collage: (w / (2 g)) grad_x ||H x0(x) - y||^2 (g: the
     observation's gain, module doc), the canvas tensor to subtract from the merged prediction x0 (D_eff = x0 - this).
 
@@ -84,8 +85,9 @@ def reconstruct(plan: RegionPlan, x: torch.Tensor, denoise_region, x0: torch.Ten
     denoise_region(batch, x_batch): the predictions of the regions in `batch` at their gathered latents
     stacked along dim 0, differentiable in x_batch (called with a fresh leaf tensor that requires grad, so
     run this outside inference mode). `batches`: the regions that may share one graph (equal sizes; default
-    one region each). Regions whose merge weight is zero on every cell where H^T (H x0 - y) is not (no
-    observed cell, or coefficient 0) are not called."""
+    one region each). `moves`: per region, the move its latent took this step (AnchorSync): region R is
+    denoised at gather_R(x) - moves[R], as x0 was. Regions whose merge weight is zero on every cell where
+    H^T (H x0 - y) is not (no observed cell, or coefficient 0) are not called."""
     weights = region_weights(plan, x.dtype, x.device)
     error = 2 * observation.adjoint(observation(x0) - y) / normalizer(plan, weights)  # d||H x0 - y||^2 / dx0, over N
     gradient = torch.zeros_like(x)
@@ -94,7 +96,8 @@ def reconstruct(plan: RegionPlan, x: torch.Tensor, denoise_region, x0: torch.Ten
         batch = tuple(i for i in batch if bool(vs[i].any()))
         if not batch:
             continue
-        x_batch = torch.cat([gather(x, plan.regions[i]) for i in batch]).detach().clone().requires_grad_(True)
+        x_batch = torch.cat([gather(x, plan.regions[i]) - (0 if moves is None else moves[i].to(x)) for i in batch])
+        x_batch = x_batch.detach().clone().requires_grad_(True)
         with torch.enable_grad():
             out = denoise_region(batch, x_batch)
         v = torch.cat([vs[i].expand(x.shape[0], *vs[i].shape[1:]) for i in batch])
@@ -105,10 +108,11 @@ def reconstruct(plan: RegionPlan, x: torch.Tensor, denoise_region, x0: torch.Ten
 
 
 def collage_reconstruction(plan: RegionPlan, x: torch.Tensor, denoise_region, x0: torch.Tensor, known: torch.Tensor,
-                           mask: torch.Tensor, weight: float, batches: list[tuple[int, ...]] | None = None) -> torch.Tensor:
+                           mask: torch.Tensor, weight: float, batches: list[tuple[int, ...]] | None = None,
+                           moves: list[torch.Tensor] | None = None) -> torch.Tensor:
     """`reconstruct` with the known-pixels observation: H = diag(mask), y = mask * known (mask 1 on known
     cells, canvas-shaped or broadcastable). Kept for the bridge's call until it passes the observation itself."""
-    return reconstruct(plan, x, denoise_region, x0, Masking(mask), mask * known, weight, batches)
+    return reconstruct(plan, x, denoise_region, x0, Masking(mask), mask * known, weight, batches, moves)
 
 
 def autoregressive_order(plan: RegionPlan, known: torch.Tensor) -> list[int]:

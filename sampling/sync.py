@@ -15,16 +15,14 @@ grad_z L = c grad_x L, and the paper's step z <- z - w grad_z L is, multiplied b
 so a weight of 20 means the paper's 20 in every family (`step_scale`). sigma is the sampler's own
 sigma (after any shift of the schedule, as SD3 and Flux use): the map is pointwise in sigma.
 
-The fold. ComfyUI's first-order deterministic step from x with denoised D is
-    x_next = x + (sigma_next - sigma) (x - D) / sigma = r x + (1 - r) D,   r = sigma_next / sigma,
-for every parameterisation (k-diffusion `euler`; ComfyUI's `ddim` is that same Euler step). For "ve"
-it is DDIM with eta 0; for "flow" (x - D) / sigma = eps - x0 is the flow's velocity, so it is the
-flow's Euler step - the same formula, whatever the schedule's shift (the shift only moves the sigmas).
-Stepping each window from its moved latent x - delta_i and merging equals one step from x with
-    D_eff = merge_i D_i(x - delta_i) - r / (1 - r) * merge_i delta_i,
-so the update folds into the denoised output the sampler sees: exact for euler and ddim in both
-parameterisations. The merge is any plan's: sum_i c_i m_i (.) / sum_i c_i m_i, signed DiffCollage
-coefficients included, since the step is linear and the coefficients on a cell sum to 1.
+Moving the sampler. The papers move every window, denoise it from its moved latent, and step from there.
+Merged, the canvas starts the step from x - Delta, Delta = merge_i delta_i (the plan's merge of the windows'
+moves: MultiDiffusion's average, or DiffCollage's signed coefficients, which sum to 1 on every cell), and the
+sampler steps with the merge of the windows' predictions at their moved latents. The pack does exactly that:
+at a synced step's first evaluation it returns merge_i D_i(x_i - delta_i) and moves the sampler's own x by
+Delta in place, so whatever the sampler computes next - an Euler, ancestral or SDE update, LCM's x = D, a
+multistep history, Heun's second evaluation - starts from the moved x (`canvas_move`; which samplers step
+from the tensor they evaluate: sampling/steps.py).
 
 Factor graphs. Only factors (windows) are synced toward the anchor factor. A variable (an overlap,
 or any intersection of factors) is not compared with the anchor: it is the same cells as the factors
@@ -35,33 +33,33 @@ coefficients sum to 1 on each cell, moves the canvas by exactly Delta; on a chai
 factors f and g gets delta_f + delta_g - (delta_f + delta_g) / 2 = their average, MultiDiffusion's average
 of the moved latents.
 
-The fast mode ("skip model Jacobian"). One model evaluation per window per step: the loss looks at the
+The fast mode ("skip model Jacobian"). No backward pass through the model: the loss looks at the
 x0-prediction the sampler's own denoising pass computed, and its gradient g = grad_{x0} L runs through the
-decoder and LPIPS only. The denoiser's Jacobian J, which the exact gradient J^T g runs through, is
-replaced by its Rayleigh quotient along g, estimated from that same evaluation: for a denoiser that is
-linear along g (the optimal one for Gaussian data, where g is an eigen-direction of J, e.g. a window's
-global style), <D(x), g> = <J x, g> = kappa <x, g>, so kappa = <D(x), g> / <x, g>, clamped to the range
-an optimal denoiser's eigenvalues take ([0, 1 / alpha]). Then grad_x L ~ kappa g, the move is
-delta = w c^2 kappa g, and a moved window's prediction is D(x - delta) ~ D(x) - kappa delta:
-    D_eff = merge_i D_i(x) - merge_i kappa_i delta_i - r / (1 - r) * merge_i delta_i.
-(The identity, kappa = 1, overshoots wherever the signal's variance along g is small next to sigma^2;
-on the analytic test bed's global style kappa is exact, tests/test_testbed.py.)
+decoder and LPIPS only. The exact gradient is J^T g, J the denoiser's Jacobian; the fast mode replaces J by
+its slope along g, kappa = <J u, u> / <u, u> with u = w c^2 g (the move at kappa = 1), measured by one more
+forward evaluation at x - u: J u ~ D(x) - D(x - u) (`jacobian_slope`). The window moves by delta = kappa u
+and its prediction there is D(x) - kappa (D(x) - D(x - u)). For an affine denoiser D(x) = A x + b - the
+optimal one for Gaussian data with any mean, a window's global style being one such direction - both are
+exact along u; the denoiser's data mean b drops out of the difference. kappa is clamped to [0, 1 / alpha],
+the range an optimal denoiser's slope takes, and is 0 where alpha = 0 (a flow model at sigma 1, where x
+carries nothing of x0).
 
 Schedules. "The first 10 of 50 steps" (the papers) is the first 20% of the noise schedule. On a whole
 schedule of N steps it is counted in steps: the first floor(10 N / 50 + 1/2) steps are synced (half up:
 5 of 50 at 25 steps is 3), step t with weight w * decay^(t * 50 / N). A run that is part of a longer
 schedule counts in that schedule's steps: KSampler's denoise d samples the last N of int(N / d) steps,
-so its step i is step int(N / d) - N + i there. When only the sigmas are known and they are not a whole
-schedule (split sigmas, a custom schedule), the same part of the noise schedule is measured the way
-ComfyUI measures ControlNet start/end percents: a step is synced when its noise level p (0 = pure noise,
-1 = clean) is below 10/50, with weight w * decay^(50 p).
+so its step i is step int(N / d) - N + i there; sigmas split with SplitSigmas, or cut by a scheduler's
+denoise, are found in the whole schedule they came from (`locate`) and counted there. Custom sigmas that
+start from pure noise - their first step within the first 1/N of the noise range, as the papers' own DDIM
+timesteps 981, 961, ..., 1 do - are a whole schedule of their own N steps. Any other sigmas are measured
+the way ComfyUI measures ControlNet start/end percents: a step is synced when its noise level p (0 = pure
+noise, 1 = clean) is below 10/50, with weight w * decay^(50 p).
 
 Counted from the run (`start` "run", for img2img and upscaling). At KSampler's denoise d the run starts past
 the first 1 - d of the noise schedule, so the papers' rule syncs nothing once d <= 1 - 10/50 (img2img at
-0.5). Counted from the run, the steps that actually run are taken as the whole schedule: the first
-floor(10 N / 50 + 1/2) of the N steps run are synced, decaying per 50-step-equivalent of the run; by noise
-level, a step is synced while (p - p0) / (1 - p0) < 10/50, p0 the level of the run's first sigma. The windows
-then agree on colour and lighting where an img2img run still changes them: its first, noisiest steps.
+0.5). Counted from the run, the N steps that actually run - whatever sigmas they are - are a whole schedule
+of their own: the first floor(10 N / 50 + 1/2) are synced, step t with weight w * decay^(t * 50 / N). The
+windows then agree on colour and lighting where an img2img run still changes them: its first, noisiest steps.
 """
 from __future__ import annotations
 
@@ -116,16 +114,14 @@ class SyncSchedule:
                      position: tuple[int, int] | None = None) -> list[float]:
         """w_t for every step of the schedule `sigmas` (ending with the final sigma). `position`:
         (offset, total) when the schedule is steps offset .. of a known `total`-step schedule (a whole
-        schedule: (0, steps)); else the noise-level rule, `level_of(sigma)` giving a sigma's level. With
-        `start` "run" the run is counted as a whole schedule of its own (module doc)."""
+        schedule: (0, steps)); else custom sigmas starting from pure noise count as a whole schedule, and
+        any others go by the noise-level rule, `level_of(sigma)` giving a sigma's level. With `start` "run"
+        the steps given are a whole schedule of their own (module doc)."""
         steps = len(sigmas) - 1
         if self.weight == 0.0 or steps < 1:
             return [0.0] * max(steps, 0)
-        if self.start == "run" and position is not None:
+        if self.start == "run" or (position is None and level_of(sigmas[0]) < 1.0 / steps):
             position = (0, steps)
-        elif self.start == "run":
-            first, absolute = level_of(sigmas[0]), level_of
-            level_of = lambda sigma: (absolute(sigma) - first) / max(1.0 - first, 1e-12)  # noqa: E731
         if position is not None:
             offset, total = position
             return [self.weight_at(offset + i, total) for i in range(steps)]
@@ -134,6 +130,23 @@ class SyncSchedule:
             # noise levels only grow along a schedule: stop looking once past the synced part
             weights.append(self.weight_at_level(level_of(sigma)) if not weights or weights[-1] > 0 else 0.0)
         return weights
+
+
+def locate(sigmas: list[float], whole_schedules) -> tuple[int, int] | None:
+    """(offset, total) when `sigmas` are consecutive points of one of `whole_schedules` (an iterable of
+    schedules, each a list of its total + 1 sigmas): a schedule split with SplitSigmas, or KSampler's
+    denoise, finds the whole schedule it came from. Compared to float32 rounding; None if none holds it."""
+    n = len(sigmas)
+    for whole in whole_schedules:
+        total = len(whole) - 1
+        for offset in range(total - n + 2):
+            if all(_close(a, b) for a, b in zip(whole[offset:offset + n], sigmas)):
+                return offset, total
+    return None
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-5 * max(abs(a), abs(b)) + 1e-8
 
 
 def noise_level(sigma: float, percent_to_sigma: Callable[[float], float]) -> float:
@@ -168,10 +181,11 @@ def signal_scale(parameterisation: str, sigma: float) -> float:
 
 
 def kappa_bound(parameterisation: str, sigma: float) -> float:
-    """The fast mode's upper clamp on kappa, 1 / alpha: D(x) moves at most as x / alpha does. A flow
-    model's first step (sigma 1, alpha 0) predicts x0 from pure noise: no bound."""
+    """The fast mode's upper clamp on kappa, 1 / alpha: an optimal denoiser's slope along any direction,
+    alpha lambda / (alpha^2 lambda + sigma^2) for data variance lambda, stays below it; where alpha = 0 (a
+    flow model at sigma 1) the input carries nothing of x0 and the slope is 0."""
     alpha = signal_scale(parameterisation, sigma)
-    return 1.0 / alpha if alpha > 0 else float("inf")
+    return 1.0 / alpha if alpha > 0 else 0.0
 
 
 def lpips_input(decoded: torch.Tensor) -> torch.Tensor:
@@ -184,19 +198,14 @@ def window_sync_gradient(x: torch.Tensor, x0_of: Callable, decode: Callable, los
                          anchor_image: torch.Tensor):
     """(per-window loss, grad_x of their sum) for a batch of windows stacked along dim 0.
 
-    x0_of(x) -> the windows' x0-predictions (differentiable in x, or a fixed x0 plus the identity in
-    the fast mode); decode(x0) -> images in [-1, 1]; loss(images, anchor) -> one value per window.
+    x0_of(x) -> the windows' x0-predictions, differentiable in x (the fast mode passes x0 itself as x and
+    the identity: its gradient is grad_{x0}); decode(x0) -> images in [-1, 1]; loss(images, anchor) -> one value per window.
     Windows do not interact, so the gradient of the sum is every window's own gradient.
     """
     x = x.detach().requires_grad_(True)
     values = loss(lpips_input(decode(x0_of(x))), anchor_image).flatten()
     (grad,) = torch.autograd.grad(values.sum(), x)
     return values.detach(), grad
-
-
-def identity_through(x0: torch.Tensor) -> Callable:
-    """x0(x) as the given prediction moving one to one with x: the gradient of a loss of it is grad_{x0}."""
-    return lambda x: x0.detach() + (x - x.detach())
 
 
 def sync_deltas(latents: dict[int, torch.Tensor], batches: list[tuple[int, ...]], weight: float, sigma: float,
@@ -240,22 +249,11 @@ def region_moves(plan: RegionPlan, factor_moves: dict[int, torch.Tensor]) -> lis
     return [factor_moves[i] if i in factor_moves else gather(mean, region) for i, region in enumerate(plan.regions)]
 
 
-def shrinkage(x0: torch.Tensor, x: torch.Tensor, g: torch.Tensor, high: float = 1.0) -> torch.Tensor:
-    """The fast mode's kappa = <D(x), g> / <x, g> per sample (dim 0), clamped to [0, high]: the denoiser's
-    Jacobian along g as one evaluation shows it (see the module doc). Shaped to broadcast over a sample."""
-    dims = tuple(range(1, x.ndim))
-    num, den = (x0 * g).sum(dims), (x * g).sum(dims)
-    kappa = torch.where(den.abs() > 0, num / torch.where(den.abs() > 0, den, torch.ones_like(den)),
-                        torch.zeros_like(den))
-    return kappa.clamp(0.0, high).reshape(-1, *([1] * (x.ndim - 1)))
-
-
-def fold_update(denoised: torch.Tensor, merged_delta: torch.Tensor, r: float,
-                merged_shift: torch.Tensor | None = None) -> torch.Tensor:
-    """D_eff = D - shift - r / (1 - r) * delta: the denoised output whose first-order step from the unmoved
-    canvas equals the merge of the windows' steps from their moved latents. D is the merge of the moved
-    windows' predictions (exact mode, shift 0), or of the unmoved ones with their predicted shifts (fast)."""
-    if r >= 1.0:
-        raise ValueError(f"sigma_next / sigma = {r} >= 1: the schedule does not decrease")
-    out = denoised - (r / (1.0 - r)) * merged_delta
-    return out if merged_shift is None else out - merged_shift
+def jacobian_slope(d_at_x: torch.Tensor, d_at_probe: torch.Tensor, u: torch.Tensor, high: float) -> torch.Tensor:
+    """The fast mode's kappa = <D(x) - D(x - u), u> / <u, u> per sample (dim 0), clamped to [0, high]: the
+    denoiser's slope along u from one forward difference (see the module doc). Shaped to broadcast over a
+    sample; 0 for a sample whose u is 0."""
+    dims = tuple(range(1, u.ndim))
+    num, den = ((d_at_x - d_at_probe) * u).sum(dims), (u * u).sum(dims)
+    kappa = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
+    return kappa.clamp(0.0, high).reshape(-1, *([1] * (u.ndim - 1)))

@@ -1,10 +1,12 @@
 """An analytic test bed: worlds whose exact denoisers are known, sampled with the pack's own merge and
 sync functions (the model, decoder and perceptual loss are plain callables here).
 
-"Global style" world: a canvas of L cells, x0 = s + d with one style s ~ N(0, tau^2) shared by every
-cell and independent local detail d ~ N(0, delta^2 I). Every window is Gaussian, so its exact denoiser
-is Sigma_w (Sigma_w + sigma^2 I)^-1 x. Truth: the style is the same in every window, so the spread of
-the windows' means across a sample is only the detail's, about delta / sqrt(window).
+"Global style" world: a canvas of L cells, x0 = mu + s + d with a data mean mu (real latents have channel
+means), one style s ~ N(0, tau^2) shared by every cell and independent local detail d ~ N(0, delta^2 I).
+Every window is Gaussian, so its exact denoiser is affine: for x = alpha x0 + sigma eps (alpha = 1 for "ve",
+1 - sigma for "flow"), D(x) = mu + alpha Sigma_w (alpha^2 Sigma_w + sigma^2 I)^-1 (x - alpha mu). Truth: the
+style is the same in every window, so the spread of the windows' means across a sample is only the detail's,
+about delta / sqrt(window).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 from .conditional import Masking, project, reconstruct, reconstruction_correction
 from .merge import gather, merge
 from .plans import RegionPlan
-from .sync import SyncSchedule, fold_update, identity_through, shrinkage, sync_deltas, window_sync_gradient
+from .sync import SyncSchedule, jacobian_slope, kappa_bound, signal_scale, sync_deltas, window_sync_gradient
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,8 @@ class GlobalStyleWorld:
     length: int = 48
     tau: float = 1.0     # style std (shared by all cells)
     delta: float = 0.3   # local detail std
+    mean: float = 0.0    # the data mean mu
+    parameterisation: str = "ve"  # x = x0 + sigma eps ("ve") or (1 - sigma) x0 + sigma eps ("flow")
 
     def covariance(self, n: int) -> torch.Tensor:
         return self.tau ** 2 * torch.ones(n, n, dtype=torch.float64) + self.delta ** 2 * torch.eye(n, dtype=torch.float64)
@@ -33,9 +37,21 @@ class GlobalStyleWorld:
         eye = torch.eye(n, dtype=torch.float64)
 
         def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
-            """x: (..., n) -> E[x0 | x] under N(0, cov)."""
-            return x @ torch.linalg.solve(cov + sigma ** 2 * eye, cov)
+            """x: (..., n) -> E[x0 | x] under x0 ~ N(mu, cov)."""
+            alpha = signal_scale(self.parameterisation, sigma)
+            gain = alpha * torch.linalg.solve(alpha ** 2 * cov + sigma ** 2 * eye, cov)  # symmetric
+            return self.mean + (x - alpha * self.mean) @ gain
         return denoise
+
+    def schedule(self, steps: int) -> torch.Tensor:
+        if self.parameterisation == "flow":  # from pure noise (sigma 1) to clean
+            sigmas = torch.linspace(1.0, 1e-3, steps, dtype=torch.float64)
+            return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
+        return schedule(steps)
+
+    def noise(self, sigma: float, shape, generator) -> torch.Tensor:
+        """The starting latent at the schedule's first sigma."""
+        return torch.randn(*shape, generator=generator, dtype=torch.float64) * sigma
 
 
 def _as_canvas(x: torch.Tensor) -> torch.Tensor:
@@ -61,49 +77,45 @@ def sample(world: GlobalStyleWorld, plan: RegionPlan, n: int, steps: int = 60, s
            seed: int = 0, fast: bool = False) -> torch.Tensor:
     """n canvases sampled with Euler steps where every step merges the windows' exact predictions with
     the pack's `merge`; with `sync`, each window first takes the pack's sync step, the loss being the
-    squared difference of the window's and the anchor's mean x0 (this world's "style"). `fast`: the
-    sync's fast mode (the denoiser's Jacobian taken as the identity; one evaluation per window)."""
-    sigmas = schedule(steps)
+    squared difference of the window's and the anchor's mean x0 (this world's "style"), and the canvas steps
+    from the moved windows. `fast`: the sync's fast mode (no gradient through the denoiser: its slope along the
+    move from one forward difference)."""
+    sigmas = world.schedule(steps)
     g = torch.Generator().manual_seed(seed)
-    x = _as_canvas(torch.randn(n, world.length, generator=g, dtype=torch.float64) * sigmas[0])
+    x = _as_canvas(world.noise(float(sigmas[0]), (n, world.length), g))
     denoise = window_denoiser(world, plan)
 
     def style_loss(image, anchor_image):
         return ((image.mean(dim=(-1, -2, -3)) - anchor_image.mean(dim=(-1, -2, -3))) ** 2)
 
     for k in range(steps):
-        sigma, r = float(sigmas[k]), float(sigmas[k + 1] / sigmas[k])
+        sigma = float(sigmas[k])
         windows = [gather(x, region) for region in plan.regions]
         weight = sync.weight_at(k, steps) if sync is not None else 0.0
-        deltas = None
+        predictions = [denoise(i, w, sigma) for i, w in enumerate(windows)]
         if sync is not None:  # the sync code runs whenever sync is given, also at w_t = 0 (then it must not move)
-            with torch.no_grad():
-                anchor_image = denoise(plan.anchor, windows[plan.anchor], sigma)
-
-            kappas = {}
+            anchor_image = predictions[plan.anchor]
+            others = [i for i in range(len(windows)) if i != plan.anchor]
 
             def gradient(batch, xw, sigma=sigma, anchor_image=anchor_image):
                 (i,) = batch
                 if not fast:
                     return window_sync_gradient(xw, lambda v: denoise(i, v, sigma), lambda x0: x0, style_loss, anchor_image)
-                x0 = denoise(i, xw, sigma)
-                value, g = window_sync_gradient(xw, identity_through(x0), lambda v: v, style_loss, anchor_image)
-                kappas[i] = shrinkage(x0, xw, g)
-                return value, kappas[i] * g
-            others = [i for i in range(len(windows)) if i != plan.anchor]
+                return window_sync_gradient(predictions[i], lambda v: v, lambda x0: x0, style_loss, anchor_image)
             with torch.enable_grad():
-                moved, _ = sync_deltas({i: windows[i] for i in others}, [(i,) for i in others], weight, sigma, gradient)
+                moved, _ = sync_deltas({i: windows[i] for i in others}, [(i,) for i in others], weight, sigma, gradient,
+                                       world.parameterisation)
             deltas = [moved.get(i, torch.zeros_like(w)) for i, w in enumerate(windows)]
-        if deltas is not None and fast:
-            shifts = [kappas.get(i, 0.0) * d for i, d in enumerate(deltas)]
-            predicted = fold_update(merge(plan, [denoise(i, w, sigma) for i, w in enumerate(windows)]),
-                                    merge(plan, deltas), r, merge(plan, shifts))
-        elif deltas is not None:
-            moved_windows = [w - d for w, d in zip(windows, deltas)]
-            predicted = fold_update(merge(plan, [denoise(i, w, sigma) for i, w in enumerate(moved_windows)]),
-                                    merge(plan, deltas), r)
-        else:
-            predicted = merge(plan, [denoise(i, w, sigma) for i, w in enumerate(windows)])
+            if fast:  # the slope along the move at slope 1 from one forward difference
+                for i in others:
+                    probe = denoise(i, windows[i] - deltas[i], sigma)
+                    kappa = jacobian_slope(predictions[i], probe, deltas[i], kappa_bound(world.parameterisation, sigma))
+                    predictions[i] = predictions[i] - kappa * (predictions[i] - probe)
+                    deltas[i] = kappa * deltas[i]
+            else:
+                predictions = [denoise(i, w - d, sigma) for i, (w, d) in enumerate(zip(windows, deltas))]
+            x = x - merge(plan, deltas)  # the papers: the canvas of moved windows steps
+        predicted = merge(plan, predictions)
         x = x + (sigmas[k + 1] - sigmas[k]) * (x - predicted) / sigmas[k]
     return x[:, 0, 0, :]
 

@@ -7,7 +7,7 @@ import pytest
 from comfy_host import load_sampling
 
 load_sampling()
-from controlsync_sampling.sync import SyncSchedule, noise_level  # noqa: E402
+from controlsync_sampling.sync import SyncSchedule, locate, noise_level  # noqa: E402
 
 # (sync_steps of 50, steps) -> synced steps, worked out by hand: round half up of sync_steps * steps / 50
 HAND_COUNTS = {
@@ -48,16 +48,47 @@ def test_denoise_counts_in_the_longer_schedule():
     assert not any(weights[2:])
 
 
+def percent_to_sigma(p):
+    """A linear map sigma = 10 (1 - p), p the noise level (0 = noise, 1 = clean), for the hand values below."""
+    return 10.0 * (1.0 - p)
+
+
+def level(sigma):
+    return noise_level(sigma, percent_to_sigma)
+
+
 def test_partial_schedules_follow_the_noise_level():
-    """Split or custom sigmas: a step is synced while its noise level (0 = noise, 1 = clean, as ControlNet
-    start/end percents) is below 10/50; here a linear map sigma = 10 (1 - p)."""
-    def percent_to_sigma(p):
-        return 10.0 * (1.0 - p)
+    """Sigmas that start below the top (their first step's noise level past 1/N) and are no ComfyUI schedule: a
+    step is synced while its noise level (as ControlNet start/end percents) is below 10/50, with w * 0.95^(50 p)."""
     assert noise_level(8.5, percent_to_sigma) == pytest.approx(0.15, abs=1e-12)
-    weights = SyncSchedule(20.0, 0.95, 10).step_weights([9.5, 8.5, 7.0, 0.0], lambda s: noise_level(s, percent_to_sigma))
-    assert weights == pytest.approx([20 * 0.95 ** 2.5, 20 * 0.95 ** 7.5, 0.0])
+    sigmas = [8.5, 8.2, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.5, 0.0]  # 10 steps from level 0.15 > 1/10
+    weights = SyncSchedule(20.0, 0.95, 10).step_weights(sigmas, level)
+    assert weights == pytest.approx([20 * 0.95 ** 7.5, 20 * 0.95 ** 9] + [0.0] * 8)
     # a level exactly at the cut is not synced
-    assert SyncSchedule(20.0, 0.95, 10).step_weights([8.0, 0.0], lambda s: noise_level(s, percent_to_sigma)) == [0.0]
+    assert SyncSchedule(20.0, 0.95, 10).step_weights([8.0, 7.0, 0.0], level) == [0.0, 0.0]
+
+
+def test_the_papers_own_ddim_timesteps_get_the_papers_weights():
+    """The SyncDiffusion code's 50 DDIM timesteps ("leading": 981, 961, ..., 1, then alpha_bar[0], i.e. t = 0) given
+    as sigmas: not a ComfyUI schedule, but from pure noise (the first step's level 18/999 < 1/50): the papers'
+    w * 0.95^i on the first 10 steps."""
+    timesteps = [981 - 20 * i for i in range(50)] + [0]
+    sigmas = [percent_to_sigma((999 - t) / 999) for t in timesteps]
+    weights = SyncSchedule(20.0, 0.95, 10).step_weights(sigmas, level)
+    assert weights == pytest.approx([20 * 0.95 ** i for i in range(10)] + [0.0] * 40, rel=1e-12)
+
+
+def test_split_schedules_are_found_in_the_whole_schedule():
+    """SplitSigmas' halves are consecutive points of a whole schedule: `locate` finds where (the bridge offers
+    ComfyUI's schedulers' whole schedules), and the halves sync the whole schedule's steps with its weights."""
+    whole = [10.0 * (1 - i / 20) for i in range(20)] + [0.0]
+    others = [[5.0, 4.0, 0.0], [10.0 * (1 - i / 19) for i in range(19)] + [0.0]]
+    high, low = whole[:3], whole[2:]
+    assert locate(high, others + [whole]) == (0, 20) and locate(low, others + [whole]) == (2, 20)
+    assert locate([9.0, 8.0, 0.0], others + [whole]) is None
+    s = SyncSchedule(20.0, 0.95, 10)
+    full = s.step_weights(whole, level, (0, 20))
+    assert s.step_weights(high, level, (0, 20)) + s.step_weights(low, level, (2, 20)) == pytest.approx(full)
 
 
 def test_weight_zero_syncs_nothing():
@@ -80,13 +111,15 @@ def test_counting_from_the_run_syncs_the_first_steps_that_run():
         SyncSchedule(start="denoise")
 
 
-def test_counting_from_the_run_by_noise_level():
-    """Split or custom sigmas counted from the run: levels measured from the run's first, (p - p0) / (1 - p0).
-    sigma = 10 (1 - p): a run from sigma 5 (p0 = 0.5) through 4.5 (0.55), 3.8 (0.62): rebased 0, 0.1, 0.24, so
-    the first two are synced (w 20 and 20 * 0.95^5); from the schedule's start none is (all past 0.2)."""
-    def level(sigma):
-        return noise_level(sigma, lambda p: 10.0 * (1.0 - p))
-    sigmas = [5.0, 4.5, 3.8, 0.0]
-    assert SyncSchedule(20.0, 0.95, 10, start="run").step_weights(sigmas, level) == pytest.approx(
-        [20.0, 20 * 0.95 ** 5, 0.0], rel=1e-9)
-    assert SyncSchedule(20.0, 0.95, 10).step_weights(sigmas, level) == [0.0, 0.0, 0.0]
+def test_counting_from_the_run_takes_any_sigmas_as_a_whole_schedule():
+    """Split, cut or custom sigmas counted from the run are a whole schedule of their own N steps, wherever they sit
+    in the noise range or a longer schedule: 10 steps from sigma 5 (level 0.5 on sigma = 10 (1 - p)) sync their
+    first 2 with w 20, 20 * 0.95^5. Counted from the schedule the same sigmas sync none (all past level 0.2), and
+    located as steps 10.. of a 20-step schedule none either."""
+    sigmas = [5.0 - 0.5 * i for i in range(10)] + [0.0]
+    run, papers = SyncSchedule(20.0, 0.95, 10, start="run"), SyncSchedule(20.0, 0.95, 10)
+    expected = [20.0, 20 * 0.95 ** 5] + [0.0] * 8
+    assert run.step_weights(sigmas, level) == pytest.approx(expected, rel=1e-12)
+    assert run.step_weights(sigmas, level, (10, 20)) == pytest.approx(expected, rel=1e-12)
+    assert papers.step_weights(sigmas, level) == [0.0] * 10
+    assert papers.step_weights(sigmas, level, (10, 20)) == [0.0] * 10

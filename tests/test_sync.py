@@ -58,6 +58,7 @@ def build_world(s, dtype, inference):
             model.model.diffusion_model.dtype = dtype
             model.model.manual_cast_dtype = None
             model.model.model_config.unet_config["dtype"] = dtype
+            tm.sample_in_model_dtype(model, dtype)  # ComfyUI 0.33's sampler runs in float32 otherwise
             cn.control_model.to(dtype)
             cn.control_model.dtype = dtype
             vae.first_stage_model.to(dtype)
@@ -161,7 +162,8 @@ def test_synced_run_equals_the_papers_algorithm(s, world64, sampler, scheduler):
     """Exact in float64 (the tiny random models' latents reach ~300, so float32 rounding alone is ~1e-4
     absolute there: checked relative below). ddim, heun, CFG++ and every guider: tests/test_samplers_sync.py,
     tests/test_guiders.py."""
-    schedule = s.bridge.SyncSchedule(20.0, 0.95, 50)
+    from controlsync.sampling.sync import SyncSchedule
+    schedule = SyncSchedule(20.0, 0.95, 50)
     for world, plain, tolerance in ((world64, build_world(s, torch.float64, inference=False), None),
                                     (s.inference, build_world(s, torch.float32, inference=False), 2e-6)):
         ref = Reference(s, plain).sample(3, 4, scheduler, schedule)
