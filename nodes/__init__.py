@@ -7,8 +7,9 @@ from .cubemap_to_equirect import CubemapToEquirect
 from .equirect_to_cubemap import EquirectToCubemap
 from .factor_graph_collage import FactorGraphCollage
 from .loop_decode import LoopDecode
+from .lowpass_guide import ControlSyncLowPass
 from .window_planner import WindowPlanner
 from .windowed_model import ControlSyncWindowedModel
 
 NODES = [WindowPlanner, ControlSyncSampler, AnchorSync, FactorGraphCollage, LoopDecode, CubemapToEquirect, EquirectToCubemap,
-         CubemapLayout, CoherenceReport, ControlSyncWindowedModel]
+         CubemapLayout, CoherenceReport, ControlSyncWindowedModel, ControlSyncLowPass]

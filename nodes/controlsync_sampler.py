@@ -9,13 +9,19 @@ import comfy.samplers
 import nodes as comfy_nodes  # ComfyUI's nodes.py
 
 from . import bridge
-from .schema import SyncType, WindowPlanType, schema
+from .schema import GuideType, SyncType, WindowPlanType, schema
 
 
 def window_batch_input():
     return io.Int.Input("window_batch_size", default=0, min=0, max=256,
                         tooltip="Windows denoised per model call. 0 = automatic: as many as free memory allows on a "
                                 "GPU, one on the CPU. Results are the same as one at a time (up to float rounding).")
+
+
+def guide_input():
+    return GuideType.Input("guide", optional=True,
+                           tooltip="Low-pass Guide: keeps the result's downsampling at a low-resolution image (upscaling, "
+                                   "super-resolution), jointly over the canvas. Leave empty for none.")
 
 
 def check_plan_fits(model, plan, latent):
@@ -73,19 +79,26 @@ class ControlSyncSampler(io.ComfyNode):
                 SyncType.Input("sync", optional=True,
                                tooltip="AnchorSync settings: pulls every window toward the anchor window's look in the "
                                        "first steps (SyncDiffusion / ControlSync). Leave empty for plain joint diffusion."),
+                guide_input(),
             ],
             outputs=[io.Latent.Output(tooltip="The denoised canvas latent.")],
         )
 
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, plan,
-                denoise=1.0, window_batch_size=0, sync=None) -> io.NodeOutput:
+                denoise=1.0, window_batch_size=0, sync=None, guide=None) -> io.NodeOutput:
         layout = check_plan_fits(model, plan, latent_image)
+        factor = bridge.latent_geometry(model)[0]
+        bridge.check_guide(guide, plan, (layout.canvas[0] * factor, layout.canvas[1] * factor), factor)
         if sync is not None and len(layout.regions) < 2:
             logging.warning("ControlSync Sampler: the plan has one window, so AnchorSync has nothing to synchronise; "
                             "sampling without it")
             sync = None
         if getattr(plan, "order", "joint") == "autoregressive":
+            if guide is not None:
+                raise ValueError("guide: the Low-pass Guide constrains the whole canvas at every step; the autoregressive "
+                                 "order samples one window after another. Set Factor Graph Collage's order to joint, or "
+                                 "disconnect the guide")
             if sync is not None:
                 logging.warning("ControlSync Sampler: AnchorSync needs the windows sampled together; the "
                                 "autoregressive order samples them one after another, so it runs without sync")
@@ -94,7 +107,7 @@ class ControlSyncSampler(io.ComfyNode):
         # KSampler's denoise samples the last `steps` of an int(steps / denoise)-step schedule
         total = steps if denoise > 0.9999 else int(steps / denoise) if denoise > 0 else None
         windowed = bridge.windowed_model(model, plan, window_batch_size, sync,
-                                         schedule_position=None if total is None else (total - steps, total))
+                                         schedule_position=None if total is None else (total - steps, total), guide=guide)
         (out,) = comfy_nodes.common_ksampler(windowed, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                              latent_image, denoise=denoise)
         return io.NodeOutput(out)

@@ -9,6 +9,7 @@ from comfy_api.latest import io
 # pack-specific name keeps other packs' sockets (another "SYNC" or "WINDOW_PLAN") off ours.
 WindowPlanType = io.Custom("CONTROLSYNC_WINDOW_PLAN")
 SyncType = io.Custom("CONTROLSYNC_SYNC")
+GuideType = io.Custom("CONTROLSYNC_GUIDE")
 
 # Newer ComfyUI lets a schema list words the node search also matches (io.Schema.search_aliases);
 # 0.3.50 and 0.3.64 have no such field, so the display names carry the main words as well.

@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from . import bridge
-from .controlsync_sampler import window_batch_input
+from .controlsync_sampler import guide_input, window_batch_input
 from .schema import SyncType, WindowPlanType, schema
 
 
@@ -26,10 +26,15 @@ class ControlSyncWindowedModel(io.ComfyNode):
                 SyncType.Input("sync", optional=True, tooltip="AnchorSync settings; the gradient passes run "
                                                              "through the guider's own math (any guider but "
                                                              "Self-Attention Guidance)."),
+                guide_input(),
             ],
             outputs=[io.Model.Output(tooltip="A patched clone: connect it to a guider or sampler node.")],
         )
 
     @classmethod
-    def execute(cls, model, plan, window_batch_size=0, sync=None) -> io.NodeOutput:
-        return io.NodeOutput(bridge.windowed_model(model, plan, window_batch_size, sync))
+    def execute(cls, model, plan, window_batch_size=0, sync=None, guide=None) -> io.NodeOutput:
+        if guide is not None and getattr(plan, "order", "joint") == "autoregressive":
+            raise ValueError("guide: the Low-pass Guide constrains the whole canvas at every step; the autoregressive "
+                             "order samples one window after another. Set Factor Graph Collage's order to joint, or "
+                             "disconnect the guide")
+        return io.NodeOutput(bridge.windowed_model(model, plan, window_batch_size, sync, guide=guide))

@@ -25,7 +25,8 @@ one window after another, each a full sampling run outpainting from what is know
 baselines).
 
 An observation is any object with `__call__(u)` = H u and `adjoint(v)` = H^T v on canvas-shaped tensors
-(B, C, h, w), `gain` (g above), and `pinv(v)` = H^+ v for Replacement. They are applied without autograd: the sampler calls
+(B, C, h, w), `gain` (g above), and `pinv(v)` = H^+ v for Replacement; or, for Reconstruction only, one that
+gives `normal_residual(x0, y)` itself (H not linear: through a decoder). They are applied without autograd: the sampler calls
 them under ComfyUI's inference mode, where tensors they hold could not be saved for a backward pass.
 """
 from __future__ import annotations
@@ -74,22 +75,30 @@ def project(observation, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return x0 + observation.pinv(y - observation(x0))
 
 
-def reconstruct(plan: RegionPlan, x: torch.Tensor, denoise_region, x0: torch.Tensor, observation, y: torch.Tensor,
-                weight: float, batches: list[tuple[int, ...]] | None = None,
-                moves: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """DiffCollage's Reconstruction on the whole collage: (w / (2 g)) grad_x ||H x0(x) - y||^2 (g: the
-    observation's gain, module doc), the canvas tensor to subtract from the merged prediction x0 (D_eff = x0 - this).
+def normal_residual(observation, x0: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(H^T (H x0 - y), g): half the gradient of ||H x0 - y||^2 in x0, and the gain Reconstruction divides its
+    weight by. An observation that is not linear in x0 (a low-pass through a decoder) gives its own
+    `normal_residual(x0, y)`: its Jacobian's transpose at x0, and its gain there."""
+    own = getattr(observation, "normal_residual", None)
+    if own is not None:
+        return own(x0, y)
+    return observation.adjoint(observation(x0) - y), observation.gain
 
-    x: the canvas latent (B, C, H, W) the step denoises; x0: the plan's merged prediction at x (no grad
-    needed); observation: H (module doc), y: the observation, shaped like H x0 or broadcastable to it;
+
+def collage_gradient(plan: RegionPlan, x: torch.Tensor, denoise_region, residual: torch.Tensor,
+                     batches: list[tuple[int, ...]] | None = None,
+                     moves: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """J^T residual, J the Jacobian of the plan's merged prediction x0(x) at the canvas latent x (module doc):
+    sum_R scatter_R( J_R^T gather_R(residual c_R m_R / N) ).
+
     denoise_region(batch, x_batch): the predictions of the regions in `batch` at their gathered latents
     stacked along dim 0, differentiable in x_batch (called with a fresh leaf tensor that requires grad, so
     run this outside inference mode). `batches`: the regions that may share one graph (equal sizes; default
     one region each). `moves`: per region, the move its latent took this step (AnchorSync): region R is
     denoised at gather_R(x) - moves[R], as x0 was. Regions whose merge weight is zero on every cell where
-    H^T (H x0 - y) is not (no observed cell, or coefficient 0) are not called."""
+    the residual is not (no observed cell, or coefficient 0) are not called."""
     weights = region_weights(plan, x.dtype, x.device)
-    error = 2 * observation.adjoint(observation(x0) - y) / normalizer(plan, weights)  # d||H x0 - y||^2 / dx0, over N
+    error = residual / normalizer(plan, weights)
     gradient = torch.zeros_like(x)
     for batch in batches or [(i,) for i in range(len(plan.regions))]:
         vs = {i: gather(error, plan.regions[i]) * weights[i] for i in batch}
@@ -104,15 +113,19 @@ def reconstruct(plan: RegionPlan, x: torch.Tensor, denoise_region, x0: torch.Ten
         (vjp,) = torch.autograd.grad(out, x_batch, grad_outputs=v.to(out.dtype))
         for i, part in zip(batch, vjp.detach().chunk(len(batch))):
             scatter_add(gradient, plan.regions[i], part.to(gradient.dtype))
-    return (weight / (2 * observation.gain)) * gradient
+    return gradient
 
 
-def collage_reconstruction(plan: RegionPlan, x: torch.Tensor, denoise_region, x0: torch.Tensor, known: torch.Tensor,
-                           mask: torch.Tensor, weight: float, batches: list[tuple[int, ...]] | None = None,
-                           moves: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """`reconstruct` with the known-pixels observation: H = diag(mask), y = mask * known (mask 1 on known
-    cells, canvas-shaped or broadcastable). Kept for the bridge's call until it passes the observation itself."""
-    return reconstruct(plan, x, denoise_region, x0, Masking(mask), mask * known, weight, batches, moves)
+def reconstruct(plan: RegionPlan, x: torch.Tensor, denoise_region, x0: torch.Tensor, observation, y: torch.Tensor,
+                weight: float, batches: list[tuple[int, ...]] | None = None,
+                moves: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """DiffCollage's Reconstruction on the whole collage: (w / (2 g)) grad_x ||H x0(x) - y||^2 (g: the
+    observation's gain, module doc), the canvas tensor to subtract from the merged prediction x0 (D_eff = x0 - this):
+    (w / g) J^T H^T (H x0 - y). x: the canvas latent (B, C, H, W) the step denoises; x0: the plan's merged
+    prediction at x (no grad needed); observation: H (module doc), y: the observation, shaped like H x0 or
+    broadcastable to it; the rest as `collage_gradient`."""
+    residual, gain = normal_residual(observation, x0, y)
+    return (weight / gain) * collage_gradient(plan, x, denoise_region, residual, batches, moves)
 
 
 def autoregressive_order(plan: RegionPlan, known: torch.Tensor) -> list[int]:

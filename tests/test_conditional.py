@@ -9,7 +9,7 @@ from comfy_host import load_sampling
 S = load_sampling()
 from controlsync_sampling import cubemap, testbed  # noqa: E402
 from controlsync_sampling.collage import FactorGraphPlan  # noqa: E402
-from controlsync_sampling.conditional import (Masking, autoregressive_order, collage_reconstruction,  # noqa: E402
+from controlsync_sampling.conditional import (Masking, autoregressive_order, reconstruct,  # noqa: E402
                                               reconstruction_correction)
 
 
@@ -171,12 +171,13 @@ def test_collage_reconstruction_is_the_gradient_of_the_merged_x0_error(name):
         leaf = x.clone().requires_grad_(True)
         x0 = merged_x0(plan, leaf, denoise)
         (expected,) = torch.autograd.grad((weight / 2) * (mask * (x0 - known)).pow(2).sum(), leaf)
-        got = collage_reconstruction(plan, x, lambda b, v: denoise(b[0], v), x0.detach(), known, mask, weight)
+        got = reconstruct(plan, x, lambda b, v: denoise(b[0], v), x0.detach(), Masking(mask), mask * known, weight)
         assert torch.allclose(got, expected, rtol=1e-10, atol=1e-12), (name, kind)
         assert float(expected.norm()) > 0
     called = []
-    collage_reconstruction(plan, x, lambda b, v: called.append(b[0]) or denoise(b[0], v), x0.detach(), known,
-                           torch.zeros(1, 1, H, W, dtype=torch.float64).index_fill_(-1, torch.tensor([0]), 1.0), weight)
+    first_column = torch.zeros(1, 1, H, W, dtype=torch.float64).index_fill_(-1, torch.tensor([0]), 1.0)
+    reconstruct(plan, x, lambda b, v: called.append(b[0]) or denoise(b[0], v), x0.detach(), Masking(first_column),
+                first_column * known, weight)
     # a call only for regions whose merge weight touches a known cell (here: the canvas's first column)
     assert called and len(called) < len(plan.regions) and all(plan.coefficients[i] != 0 for i in called)
     # the per-region form: each region's own residual, the corrections merged like predictions

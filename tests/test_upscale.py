@@ -79,3 +79,62 @@ def test_tile_controlnet_on_the_low_resolution_input_gets_each_windows_crop(s, e
         x0 = starts[i % len(starts)]
         assert hint.shape[-2:] == (64, 64)
         assert torch.equal(hint[0], canvas_hint[0, :, :, x0:x0 + 64].to(hint.dtype)), (i, x0)
+
+
+# ---- the Low-pass Guide -------------------------------------------------------------------------------------------
+
+LOW_RES = (32, 96)  # y: half the 192x64 canvas; its latent grid is 12x4 cells, H averages 2x2 latent cells
+
+
+def guide(s, method="replacement", space="latent", weight=1.0, image=None, vae=None):
+    from controlsync.nodes.lowpass_guide import ControlSyncLowPass
+    small = image if image is not None else torch.nn.functional.interpolate(
+        s.image.movedim(-1, 1), size=LOW_RES, mode="area").movedim(1, -1)
+    with torch.inference_mode():
+        return ControlSyncLowPass.execute(small, vae or s.inference["vae"], method, space, weight).args[0], small
+
+
+def latent_target(s, small, world=None):
+    """y in latent space, written here with ComfyUI's own functions: y stretched bicubically onto the canvas,
+    VAE Encode (Tiled), the model's latent scaling, then torch's area resampling onto y's latent grid."""
+    import comfy.utils
+    world = world or s.inference
+    with torch.inference_mode():
+        big = comfy.utils.common_upscale(small.movedim(-1, 1), 192, 64, "bicubic", "disabled").clamp(0, 1).movedim(1, -1)
+        (z,) = s.nodes.VAEEncodeTiled().encode(world["vae"], big, 512, 64)
+        z = world["model"].model.process_latent_in(z["samples"].double())
+    return torch.nn.functional.interpolate(z, size=(LOW_RES[0] // 8, LOW_RES[1] // 8), mode="area")
+
+
+def sampled(s, latent, denoise, guide_settings=None, sync=None, steps=STEPS, world=None, callback_x0=None):
+    world = world or s.inference
+    with torch.inference_mode():
+        out = s.Sampler.execute(world["model"], SEED, steps, 7.5, "euler", "normal", world["pos"], world["neg"], latent,
+                                s.plan, denoise, 0, sync, guide_settings)
+    return out.args[0]["samples"]
+
+
+def low_pass_error(s, z, y):
+    """||H z - y|| / ||y||, H = torch's area resampling onto y's latent grid."""
+    low = torch.nn.functional.interpolate(s.inference["model"].model.process_latent_in(z.double()), size=y.shape[-2:],
+                                          mode="area")
+    return float((low - y).norm() / y.norm())
+
+
+@pytest.mark.parametrize("denoise", [1.0, DENOISE])
+def test_low_pass_guide_pulls_the_results_low_pass_to_y(s, encoded, denoise):
+    """From noise (denoise 1) and in img2img (0.5 on the canvas encoded from the image): the result's latent
+    averaged onto y's latent grid misses y's latent unguided; Replacement lands on it (float32 rounding), and
+    Reconstruction (w 1) comes far closer than unguided."""
+    empty = {"samples": torch.zeros(1, 4, 8, 24)}
+    latent = empty if denoise == 1.0 else encoded
+    settings, small = guide(s)
+    y = latent_target(s, small)
+    errors = {"none": low_pass_error(s, sampled(s, latent, denoise), y),
+              "replacement": low_pass_error(s, sampled(s, latent, denoise, settings), y),
+              "reconstruction": low_pass_error(s, sampled(s, latent, denoise, guide(s, "reconstruction")[0]), y)}
+    print(f"[upscale] denoise {denoise}: ||H(result) - y|| / ||y||: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+    # the tiny random model's x0 is far larger than y (from noise ~1000x): float32 rounds at that size
+    assert errors["none"] > 0.05
+    assert errors["replacement"] < 1e-6 * max(errors["none"], 1.0)
+    assert errors["reconstruction"] < 1e-2 * errors["none"]

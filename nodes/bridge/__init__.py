@@ -10,7 +10,7 @@
   memory          windows per model call and per gradient graph; out of memory halves and retries
   autograd        gradients inside ComfyUI's inference mode, weights aliased, never copied
   sync            AnchorSync's gradient passes toward the anchor
-  reconstruction  DiffCollage's Reconstruction guidance
+  observations    conditioning observations y = H(result): known pixels by Reconstruction, the Low-pass Guide
   loss_models     the perceptual loss's decoder and LPIPS, from ComfyUI's folders
   autoregressive  the autoregressive baseline, window after window
 
@@ -19,12 +19,14 @@ Data flows node -> plan -> bridge -> sampling/ (plain torch) and back; sampling/
 from .autograd import differentiable
 from .autoregressive import sample_autoregressive
 from .conds import check_hint_aspect
-from .config import SyncSettings, WindowedConfig
+from .config import GUIDE_METHODS, GUIDE_SPACES, GuideSettings, SyncSettings, WindowedConfig
 from .loss_models import load_lpips, load_taesd, lpips_backbone_path
 from .memory import auto_window_batch
+from .observations import check_guide
 from .model_facts import latent_geometry, layout_for, parameterisation, refuse_unsupported
 from .windowed import WRAPPER_KEY, windowed_model
 
-__all__ = ["differentiable", "sample_autoregressive", "check_hint_aspect", "SyncSettings", "WindowedConfig",
+__all__ = ["differentiable", "sample_autoregressive", "check_hint_aspect", "GUIDE_METHODS", "GUIDE_SPACES",
+           "GuideSettings", "SyncSettings", "WindowedConfig", "check_guide",
            "load_lpips", "load_taesd", "lpips_backbone_path", "auto_window_batch", "latent_geometry", "layout_for",
            "parameterisation", "refuse_unsupported", "WRAPPER_KEY", "windowed_model"]

@@ -18,6 +18,21 @@ class SyncSettings:
     loss_decoder: str = "vae"   # "taesd": ComfyUI's tiny differentiable decoder (models/vae_approx) instead
 
 
+GUIDE_METHODS = ("replacement", "reconstruction")
+GUIDE_SPACES = ("latent", "pixels")
+
+
+@dataclass(frozen=True, eq=False)
+class GuideSettings:
+    """What the Low-pass Guide asks for (the CONTROLSYNC_GUIDE socket): the result's low-pass, H(result), kept at
+    the image y (nodes/bridge/observations.py)."""
+    image: object            # y: ComfyUI IMAGE (B, h, w, C) in [0, 1], any size up to the canvas
+    vae: object              # comfy.sd.VAE: encodes y (latent space) or decodes the result (pixels)
+    method: str = "replacement"   # or "reconstruction"
+    space: str = "latent"         # or "pixels": H after the decoder
+    weight: float = 1.0           # Reconstruction's w
+
+
 @dataclass(frozen=True)
 class WindowedConfig:
     plan: object          # anything with .layout(latent_hw, factor, multiple) -> RegionPlan
@@ -25,6 +40,7 @@ class WindowedConfig:
     sync: SyncSettings | None = None
     focus: tuple | None = None   # (canvas latent shape, region index): sample only that region's latent
     schedule_position: tuple | None = None  # (offset, total): the run is steps offset.. of a total-step schedule
+    guide: GuideSettings | None = None      # the Low-pass Guide's low-resolution image
 
     @property
     def reconstruction(self) -> float | None:

@@ -7,7 +7,8 @@ One model evaluation of the sampler runs, for the canvas:
     wrapper, seeing a focus, evaluates just those windows); the merged move is handed to the sampler's x;
   - the batched denoising pass over every region, at its moved latent (`denoise_regions`);
   - the merge (`merge_outputs`);
-  - Reconstruction guidance for known pixels (reconstruction.py).
+  - the conditioning observations' corrections: known pixels kept by Reconstruction, the Low-pass Guide
+    (observations.py).
 Nested calls within the same evaluation (guidance that calls the model again from a post-CFG function,
 like PAG) are evaluated at the same moved latents; they never sync again.
 """
@@ -59,8 +60,8 @@ def region_pass(run, focus, executor, model, conds, x, timestep, model_options):
 
 def canvas_pass(run, executor, model, conds, x_in, timestep, model_options):
     """One call of the sampler's model evaluation for the whole latent: sync (at a synced step's first
-    call), the denoising pass, the merge, Reconstruction."""
-    from .reconstruction import reconstruction_correction
+    call), the denoising pass, the merge, the observations' corrections."""
+    from .observations import correction
     from .sync import sync_moves
     if not run.tracked and run.depth == 0:
         run.evaluations += 1
@@ -85,9 +86,9 @@ def canvas_pass(run, executor, model, conds, x_in, timestep, model_options):
             merged = merge_outputs(run, denoise_regions(run, executor, model, conds, x_in, timestep, model_options,
                                                         ev.sync), x_in)
         ev.outputs[key] = merged
-        if run.known is not None:
+        if run.observations:
             if ev.correction is None and ev.calls == 1:
-                ev.correction = reconstruction_correction(run, model, conds, x_in, timestep, model_options, ev.sync)
+                ev.correction = correction(run, model, conds, x_in, timestep, model_options, ev.sync)
             if ev.correction is not None:
                 merged = [o - ev.correction for o in merged]
         return merged

@@ -77,13 +77,13 @@ class Focus:
 
 class RunState:
     """The mutable part of a run: evaluation counter, per-window conds and ControlNet copies, batch sizes
-    (chosen once), the known pixels of Reconstruction, and the canvas move a synced evaluation hands the
+    (chosen once), the observations the run keeps (known pixels, a low-pass guide), and the canvas move a synced evaluation hands the
     sampler (applied to its own x by the step tracker, nodes/bridge/steps.py)."""
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
         self.conds = WindowConds(ctx.plan, ctx.model)
-        self.known = None            # Reconstruction: (known latent, 1 on known cells), as the sampled latent
+        self.observations = ()       # conditioning observations kept this run (observations.py)
         self.evaluations = 0         # model evaluations the sampler made so far
         self.tracked = False         # counted at the sampler (else: each outermost call is one evaluation)
         self.depth = 0               # canvas passes under way (nested guider calls)

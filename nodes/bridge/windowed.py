@@ -6,9 +6,9 @@ from __future__ import annotations
 import functools
 
 import comfy.patcher_extension
-import comfy.sampler_helpers
 
-from .config import SyncSettings, WindowedConfig
+from . import observations
+from .config import GuideSettings, SyncSettings, WindowedConfig
 from .model_facts import parameterisation, refuse_for_sync, refuse_unsupported
 from .passes import calc_cond_batch
 from .run import RunState, current_run, run_context
@@ -18,10 +18,10 @@ WRAPPER_KEY = "controlsync.windows"
 
 
 def windowed_model(model, plan, window_batch: int = 0, sync: SyncSettings | None = None, focus=None,
-                   schedule_position=None):
+                   schedule_position=None, guide: GuideSettings | None = None):
     """A clone of `model` whose sampling runs the plan's windows; `model` itself is untouched.
     `schedule_position`: (offset, total) when the caller knows the run samples steps offset.. of a
-    total-step schedule (KSampler's denoise), for AnchorSync's step count."""
+    total-step schedule (KSampler's denoise), for AnchorSync's step count. `guide`: the Low-pass Guide."""
     refuse_unsupported(model.model_options)
     if sync is not None:
         parameterisation(model)  # refuse an unknown parameterisation before sampling starts
@@ -29,7 +29,7 @@ def windowed_model(model, plan, window_batch: int = 0, sync: SyncSettings | None
     if model.get_wrappers(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY):
         raise ValueError("model: this MODEL already carries a ControlSync window plan (from ControlSync Windowed "
                          "Model); connect the original MODEL instead of windowing it twice.")
-    config = WindowedConfig(plan, int(window_batch), sync, focus, schedule_position)
+    config = WindowedConfig(plan, int(window_batch), sync, focus, schedule_position, guide)
     clone = model.clone()
     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
                                functools.partial(_outer_sample, config))
@@ -45,14 +45,12 @@ def _outer_sample(config, executor, noise, latent_image, sampler, sigmas, denois
     ctx = run_context(config, guider, noise.shape, sigmas, kwargs.get("seed", args[2] if len(args) > 2 else None))
     if ctx.synced:
         refuse_for_sync(guider.model_options)
+    # known pixels kept by Reconstruction (sampled without ComfyUI's noise mask), the Low-pass Guide
+    observed, denoise_mask = observations.build(config, patcher, noise.shape, latent_image.to(noise.device),
+                                                denoise_mask)
     run = RunState(ctx)
+    run.observations = observed
     sampler = counted_sampler(sampler, run)
-    if config.reconstruction is not None and denoise_mask is not None:
-        # Reconstruction instead of ComfyUI's Replacement: keep the mask (1 = to generate) for the
-        # guidance and sample without it
-        mask = comfy.sampler_helpers.prepare_mask(denoise_mask, noise.shape, noise.device)
-        run.known = (patcher.model.process_latent_in(latent_image.to(noise.device)), 1.0 - mask)
-        denoise_mask = None
     token = current_run.set(run)
     try:
         return executor(noise, latent_image, sampler, sigmas, denoise_mask, *args, **kwargs)
