@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_sync import s  # noqa: F401  (the shared fixture: a 192x64 canvas of five 64 px windows, stride 32)
+from test_sync import build_world, s, world64  # noqa: F401  (the shared fixtures: a 192x64 canvas of five 64 px windows, stride 32)
 from test_samplers_sync import gradient_pass_counter
 
 SEED, STEPS, DENOISE = 3, 10, 0.5
@@ -138,3 +138,91 @@ def test_low_pass_guide_pulls_the_results_low_pass_to_y(s, encoded, denoise):
     assert errors["none"] > 0.05
     assert errors["replacement"] < 1e-6 * max(errors["none"], 1.0)
     assert errors["reconstruction"] < 1e-2 * errors["none"]
+
+
+def area_matrix(n, m):
+    """Area downsampling of n cells onto m (an integer ratio here): each output cell the mean of n / m inputs."""
+    k = n // m
+    return torch.kron(torch.eye(m, dtype=torch.float64), torch.full((1, k), 1.0 / k, dtype=torch.float64))
+
+
+def first_x0(s, world, guide_settings=None, shift=None):
+    """The x0-prediction the sampler steps with at its first step (ComfyUI's sampler callback: after CFG and every
+    correction), 4 euler steps from noise, the canvas moved by `shift` (model latent space) before the first step:
+    x = noise sqrt(1 + sigma^2) + latent, so the latent carries the shift (divided by SD1.5's latent scale)."""
+    import comfy.sample
+    from controlsync.nodes.windowed_model import ControlSyncWindowedModel
+    latent = torch.zeros(1, 4, 8, 24, dtype=torch.float64)
+    if shift is not None:
+        latent = world["model"].model.process_latent_out(shift)
+    seen = {}
+    with torch.inference_mode():
+        windowed = ControlSyncWindowedModel.execute(world["model"], s.plan, 0, None, guide_settings).args[0]
+        noise = comfy.sample.prepare_noise(latent, SEED).to(torch.float64)
+        comfy.sample.sample(windowed, noise, 4, 7.5, "euler", "normal", world["pos"], world["neg"], latent, seed=SEED,
+                            callback=lambda i, x0, x, n: seen.setdefault(i, x0.clone()), disable_pbar=True)
+    return seen[0].to(torch.float64).clone()  # a plain tensor (cloned outside inference mode)
+
+
+def test_replacement_and_reconstruction_are_the_papers_formulas_on_the_node(s, world64):
+    """In float64 through ControlSync Windowed Model and ComfyUI's sampler, the first step's x0-prediction with the
+    guide against the one without, H written here as a dense matrix, y in latent space as above:
+    Replacement (Algorithm 4) is proj(x0) = H^+ y + (I - H^+ H) x0 with torch.linalg.pinv; Reconstruction
+    (Algorithm 5, the pack's denoised form) subtracts c = (w / g) J^T H^T (H x0 - y), g = the largest eigenvalue
+    of H H^T (eigvalsh), J the Jacobian of the merged CFG x0-prediction in x - checked along directions v as
+    <c, v> = (w / g) <H^T (H x0 - y), J v>, J v by central differences of the unguided node's x0."""
+    small = torch.nn.functional.interpolate(s.image.movedim(-1, 1).double(), size=LOW_RES, mode="area").movedim(1, -1)
+    y = latent_target(s, small, world64).flatten(-2)
+    M = torch.kron(area_matrix(8, 4), area_matrix(24, 12))
+    P = torch.linalg.pinv(M)
+    x0 = first_x0(s, world64)
+    replaced = first_x0(s, world64, guide(s, image=small, vae=world64["vae"])[0])
+    expected = y @ P.T + x0.flatten(-2) @ (torch.eye(M.shape[1], dtype=torch.float64) - P @ M).T
+    scale = float(x0.abs().max())
+    assert torch.allclose(replaced.flatten(-2), expected, rtol=0, atol=1e-9 * scale)
+    assert float((replaced - x0).abs().max()) > 1e-3 * scale
+
+    weight = 0.7
+    c = x0 - first_x0(s, world64, guide(s, "reconstruction", weight=weight, image=small, vae=world64["vae"])[0])
+    gain = float(torch.linalg.eigvalsh(M @ M.T).max())
+    back = ((x0.flatten(-2) @ M.T - y) @ M).view_as(x0)  # H^T (H x0 - y)
+    along_directions(s, world64, c, lambda jv: weight / gain * float((back * jv).sum()))
+
+
+def along_directions(s, world, c, reference):
+    """<c, v> against reference(J v) along c itself and a random direction, J v by central differences of the
+    unguided node's first x0-prediction (relative to ||c||: float64 throughout, the differences' error ~1e-7)."""
+    x0 = first_x0(s, world)
+    g = torch.Generator().manual_seed(4)
+    for v in (c / c.norm(), torch.randn(x0.shape, generator=g, dtype=torch.float64)):
+        v = v / v.norm()
+        eps = 1e-3 * float(x0.norm())
+        jv = (first_x0(s, world, shift=eps * v) - first_x0(s, world, shift=-eps * v)) / (2 * eps)
+        lhs, rhs = float((c * v).sum()), reference(jv)
+        print(f"[upscale] along v: <c, v> {lhs:.6e}, the paper's {rhs:.6e}")
+        assert abs(lhs - rhs) < 1e-5 * float(c.norm())
+
+
+def test_pixel_space_reconstruction_is_the_papers_gradient_through_the_decoder(s, world64):
+    """space 'pixels': H = area downsampling after the decoder (here one tile: the canvas is within the tile size).
+    The first step's correction against the paper's gradient written here with autograd through the same VAE's
+    decoder (plain float64 weights): e = J_dec^T A^T (A decode(x0) - y), c = (w / g) J^T e with g the Rayleigh
+    quotient ||A J_dec e||^2 / ||e||^2 (torch.autograd.functional.jvp), the gain that is the paper's g where
+    H H^T = g I."""
+    plain = build_world(s, torch.float64, inference=False)
+    small = torch.nn.functional.interpolate(s.image.movedim(-1, 1).double(), size=LOW_RES, mode="area").movedim(1, -1)
+    y = small.movedim(-1, 1) * 2 - 1
+    decoder, latent_format = plain["vae"].first_stage_model, plain["model"].model.latent_format
+
+    def observe(z):
+        return torch.nn.functional.interpolate(decoder.decode(latent_format.process_out(z)), size=LOW_RES, mode="area")
+    x0 = first_x0(s, world64)
+    weight = 0.7
+    settings = guide(s, "reconstruction", "pixels", weight, image=small, vae=world64["vae"])[0]
+    c = x0 - first_x0(s, world64, settings)
+    z = x0.clone().requires_grad_(True)
+    (e,) = torch.autograd.grad(0.5 * (observe(z) - y).pow(2).sum(), z)
+    _, je = torch.autograd.functional.jvp(observe, x0, e)
+    gain = float(je.pow(2).sum() / e.pow(2).sum())
+    print(f"[upscale] pixels: gain {gain:.4e} (area alone: {1 / 4:.4f}), ||c|| {float(c.norm()):.4e}")
+    along_directions(s, world64, c, lambda jv: weight / gain * float((e * jv).sum()))

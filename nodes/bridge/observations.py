@@ -82,7 +82,7 @@ def latent_guide(guide, patcher, latent_shape, factor, cubemap):
     target = (t_h, 6 * t_h) if cubemap else (t_h, min(w, max(1, round(y_w / factor))))
     pixels = comfy.utils.common_upscale(guide.image[..., :3].movedim(-1, 1), w * factor, h * factor, "bicubic",
                                         "disabled").clamp(0, 1).movedim(1, -1)
-    z = patcher.model.process_latent_in(guide.vae.encode_tiled(pixels).float())
+    z = patcher.model.process_latent_in(guide.vae.encode_tiled(pixels))
     if tuple(z.shape[-2:]) != (h, w) or z.shape[1] != latent_shape[1]:
         raise ValueError(f"guide: its VAE encodes the canvas to a latent of shape {tuple(z.shape[1:])}, but the model "
                          f"samples {tuple(latent_shape[1:])}; connect the model's own VAE")
@@ -92,7 +92,8 @@ def latent_guide(guide, patcher, latent_shape, factor, cubemap):
 
 def pixel_guide(guide, patcher, latent_shape, factor, cubemap):
     """H: the x0-prediction decoded tile by tile, area-downsampled onto y's pixel grid; y: the image ([-1, 1])."""
-    y = guide.image[..., :3].movedim(-1, 1).float() * 2 - 1
+    image = guide.image[..., :3].movedim(-1, 1)
+    y = image.to(torch.promote_types(image.dtype, torch.float32)) * 2 - 1
     return DecodedLowPass(guide.vae, patcher.model.latent_format, (latent_shape[-2] * factor, latent_shape[-1] * factor),
                           tuple(y.shape[-2:])), y
 
@@ -102,8 +103,9 @@ class DecodedLowPass:
     latent tiles of `tile` cells with `margin` cells of context each side (each tile's core is kept), so memory is
     flat in the canvas size. Not linear: Reconstruction only. Its normal residual is J^T A^T (A decode(x0) - y), J
     the tiled decoder's Jacobian at x0 (one backward pass per tile), and its gain the Rayleigh quotient of H^T H
-    along that residual e, ||A J e||^2 / ||e||^2 (J e by a forward difference): for a linear H with H H^T = g I
-    this is g, the paper's gain; otherwise w 1 is the step that minimises the linearised error along e."""
+    along that residual e, ||A J e||^2 / ||e||^2 (J e by central differences): for a linear H with H H^T = g I
+    this is g, the paper's gain; otherwise w 1 is the step that minimises the linearised error along e. Per step:
+    three decodes of the canvas and one backward pass, tile by tile."""
 
     def __init__(self, vae, latent_format, canvas_px, target, tile=32, margin=8):
         self.vae, self.tile, self.margin = vae, tile, margin
@@ -123,32 +125,30 @@ class DecodedLowPass:
     def _decode(self, z):
         image = self.vae.first_stage_model.decode(self.latent_format.process_out(z).to(self.vae.device,
                                                                                       self.vae.vae_dtype))
-        return (image[:, :, 0] if image.ndim == 5 else image).float()
+        return (image[:, :, 0] if image.ndim == 5 else image).to(torch.promote_types(z.dtype, torch.float32))
 
     def _tile_images(self, x0, with_grad_of=None):
-        """Each tile's decoded core ((window, core, core pixels, scale)); with `with_grad_of` (pixels-shaped canvas
-        tensor), instead the latent gradient sum_tiles J_tile^T with_grad_of[core]."""
-        gradient = torch.zeros_like(x0, dtype=torch.float32) if with_grad_of is not None else None
-        out = None
+        """The canvas decoded tile by tile (each tile's core kept); with `with_grad_of` (a tensor shaped like that
+        image), instead the latent gradient sum over tiles of J_tile^T with_grad_of[core]."""
+        work = torch.promote_types(x0.dtype, torch.float32)  # float32 at least (half-precision latents)
+        out = torch.zeros_like(x0, dtype=work) if with_grad_of is not None else None
         for (y0, y1, x0_, x1), (cy0, cy1, cx0, cx1) in self._tiles(x0.shape):
             comfy.model_management.throw_exception_if_processing_interrupted()
-            z = x0[..., y0:y1, x0_:x1]
-            if with_grad_of is None:
-                image = self._decode(z)
-            else:
-                z = z.detach().clone().float().requires_grad_(True)
-                image = self._decode(z)
+            z = x0[..., y0:y1, x0_:x1].to(work)
+            if with_grad_of is not None:
+                z = z.detach().clone().requires_grad_(True)
+            image = self._decode(z)
             k = image.shape[-1] // (x1 - x0_)  # pixels per latent cell
             core = image[..., (cy0 - y0) * k:(cy1 - y0) * k, (cx0 - x0_) * k:(cx1 - x0_) * k]
             if with_grad_of is None:
                 if out is None:
                     out = image.new_zeros(*image.shape[:-2], x0.shape[-2] * k, x0.shape[-1] * k)
-                out[..., cy0 * k:cy1 * k, cx0 * k:cx1 * k] = core.detach()
+                out[..., cy0 * k:cy1 * k, cx0 * k:cx1 * k] = core
             else:
                 v = with_grad_of[..., cy0 * k:cy1 * k, cx0 * k:cx1 * k].to(core)
                 (g,) = torch.autograd.grad(core, z, grad_outputs=v)
-                gradient[..., y0:y1, x0_:x1] += g.to(gradient.device)
-        return out if with_grad_of is None else gradient
+                out[..., y0:y1, x0_:x1] += g.to(out.device)
+        return out
 
     def _load(self):
         comfy.model_management.load_models_gpu(comfy.model_management.loaded_models(only_currently_used=True)
@@ -169,10 +169,11 @@ class DecodedLowPass:
         norm = float(e.norm())
         if norm == 0.0:
             return e.to(x0), 1.0
-        eps = 1e-3 * max(float(x0.float().norm()), 1.0) / norm
-        with torch.no_grad():
-            moved = self.area(self._tile_images(x0.float() + eps * e.to(x0.device)))
-        gain = float(((moved - low) / eps).pow(2).sum()) / norm ** 2
+        eps = 1e-3 * max(float(x0.norm()), 1.0) / norm
+        with torch.no_grad():  # A J e by central differences
+            step = (eps * e).to(x0)
+            slope = (self.area(self._tile_images(x0 + step)) - self.area(self._tile_images(x0 - step))) / (2 * eps)
+        gain = float(slope.pow(2).sum()) / norm ** 2
         return e.to(x0), max(gain, 1e-12)
 
 
