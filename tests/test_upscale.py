@@ -317,3 +317,36 @@ def test_pixel_space_reconstruction_pulls_the_decoded_low_pass_to_y(s):
     print(f"[upscale] pixels: ||A decode(result) - y|| / ||y - mean||: none {errors['none']:.3e}, "
           f"guided {errors['pixels']:.3e}")
     assert errors["pixels"] < 0.8 * errors["none"]
+
+
+@pytest.mark.parametrize("method", ["replacement", "reconstruction"])
+def test_upscale_combination_tile_controlnet_sync_from_the_run_and_guide(s, encoded, method):
+    """The shipped workflow's combination at img2img 0.5: a tile ControlNet on the low-resolution image, Anchor Sync
+    counted from the run, the guide. Sync still runs its first 2 of 10 steps (gradient passes counted on the real
+    model; Reconstruction adds one per window and step); Replacement still lands on y; Reconstruction (at the windows' synced latents) still comes far closer
+    than unguided."""
+    world = s.inference
+    settings, small = guide(s, method)
+    with torch.inference_mode():
+        pos, neg = s.nodes.ControlNetApplyAdvanced().apply_controlnet(world["pos_text"], world["neg_text"],
+                                                                      s.tm.tiny_controlnet(7), small, 1.0, 0.0, 1.0)
+        sync = s.Sync.execute(world["vae"], 20.0, 0.95, 10, "alex", "exact", count_from="run").args[0]
+    record = []
+    counted = world["model"].clone()
+    counted.add_wrapper_with_key(s.pe.WrappersMP.APPLY_MODEL, "test.gradient_passes", gradient_pass_counter(record))
+    results = {}
+    for name, g in (("none", None), (method, settings)):
+        record.clear()
+        with torch.inference_mode():
+            results[name] = s.Sampler.execute(counted, SEED, STEPS, 7.5, "euler", "normal", pos, neg, encoded, s.plan,
+                                              DENOISE, 0, sync, g).args[0]["samples"]
+        print(f"[upscale] {name}: {len(record)} gradient passes at sigmas {sorted(set(round(r, 4) for r in record))}")
+        # the sync: the first 2 steps, each window but the anchor; Reconstruction: every step, every window
+        windows = len(s.plan.layout((8, 24)).regions)
+        assert len(record) == 2 * (windows - 1) + (STEPS * windows if name == "reconstruction" else 0)
+    y = latent_target(s, small)
+    errors = {k: low_pass_error(s, v, y) for k, v in results.items()}
+    print(f"[upscale] tile ControlNet + sync (run) + {method}: ||H(result) - y|| / ||y||: " +
+          ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+    bound = 1e-6 * max(errors["none"], 1.0) if method == "replacement" else 1e-2 * errors["none"]
+    assert errors["none"] > 0.05 and errors[method] < bound
