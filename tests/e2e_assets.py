@@ -4,7 +4,8 @@
   model_channels 320, context_dim 768) but the UNet keeps one level (channel_mult [1], one res block);
   the VAE has the standard SD layout and the CLIP-L text encoder is full size. Seeded random weights,
   fp16, written with ComfyUI's own helpers (`state_dict_for_saving`, `comfy.utils.save_torch_file`).
-* A ControlNet with the same UNet settings, saved under `control_model.`, that ControlNetLoader accepts.
+* A ControlNet with the same UNet settings, saved under `control_model.`, that ControlNetLoader accepts (under the
+  canny and the tile ControlNet's names).
 * Canny-style edge maps of five scikit-image sample photos side by side (public domain / CC0): the
   condition image the shipped workflow uses (workflows/controlsync_canny_512x3072.png) and small ones.
 
@@ -31,11 +32,12 @@ PACK_DIR = TESTS.parent
 CACHE = TESTS / ".cache" / "e2e"
 
 # Bump when anything below changes what gets written: the cache is rebuilt.
-ASSET_VERSION = 2
+ASSET_VERSION = 3
 SEED = 20240611
 
 CHECKPOINT_NAME = "v1-5-pruned-emaonly-fp16.safetensors"
 CONTROLNET_NAME = "control_v11p_sd15_canny_fp16.safetensors"
+TILE_CONTROLNET_NAME = "control_v11f1e_sd15_tile_fp16.safetensors"  # the upscale workflow's (the same stand-in)
 CONDITION_NAME = "controlsync_canny_512x3072.png"
 SHIPPED_CONDITION = PACK_DIR / "workflows" / CONDITION_NAME
 SMALL_CONDITION_NAME = "controlsync_canny_128x384.png"
@@ -48,6 +50,7 @@ SMALL_CONDITION_NAME = "controlsync_canny_128x384.png"
 STAND_INS = {
     CHECKPOINT_NAME: "checkpoints",
     CONTROLNET_NAME: "controlnet",
+    TILE_CONTROLNET_NAME: "controlnet",
     "vgg16-397923af.pth": "lpips",
     "alexnet-owt-7be5be79.pth": "lpips",
 }
@@ -76,12 +79,13 @@ class Assets:
         self.controlnet = root / "controlnet"
         self.checkpoint = self.checkpoints / CHECKPOINT_NAME
         self.controlnet_file = self.controlnet / CONTROLNET_NAME
+        self.tile_controlnet_file = self.controlnet / TILE_CONTROLNET_NAME
         self.condition = root / "input" / CONDITION_NAME
         self.small_condition = root / "input" / SMALL_CONDITION_NAME
         self.manifest = root / "manifest.json"
 
     def files(self):
-        return [self.checkpoint, self.controlnet_file, self.condition, self.small_condition]
+        return [self.checkpoint, self.controlnet_file, self.tile_controlnet_file, self.condition, self.small_condition]
 
     def valid(self) -> bool:
         return manifest_matches(self.manifest, ASSET_VERSION, self.files())
@@ -241,6 +245,7 @@ def build(root: Path, host: Path) -> None:
         cn_sd = _fp16({"control_model." + k: v for k, v in control.state_dict().items()})
         assets.controlnet.mkdir(parents=True, exist_ok=True)
         comfy.utils.save_torch_file(cn_sd, str(assets.controlnet_file))
+        comfy.utils.save_torch_file(cn_sd, str(assets.tile_controlnet_file))
 
     write_condition(assets.condition, 512, 3072)
     write_condition(assets.small_condition, 128, 384)

@@ -40,7 +40,7 @@ SMALL_HEIGHT, SMALL_WIDTH = 128, 384  # the shipped images are shrunk to 128 px 
 # the newest (users update it on its own) gets the ones with the most pack UI: plan preview, sync, the Coherence
 # Report's text widget, the loop and cubemap decodes
 RUN_ON = {"latest": ("controlsync_anchorsync", "collage_loop360", "collage_cubemap360"),
-          "pinned": ("controlsync_panorama", "collage_chain_prompts", "collage_outpaint")}
+          "pinned": ("controlsync_panorama", "collage_chain_prompts", "collage_outpaint", "controlsync_upscale")}
 CHAIN_PROMPTS = ["a city skyline at dawn, oil painting", "suburbs in the morning sun, oil painting",
                  "a road through dry scrubland at midday, oil painting", "desert dunes in the afternoon, oil painting",
                  "a sand desert at dusk, oil painting"]
@@ -53,6 +53,7 @@ SMALL_WIDGETS = {
     "ControlSyncEquirectToCubemap": {"face_size": 64},
     "ControlSyncLoopDecode": {"wrap_cells": 4},
     "ImagePadForOutpaint": {"left": 192, "right": 192},
+    "ImageScaleBy": {"scale_by": 2.0},  # the upscale workflow: the 128 px photo onto a 256 px canvas (9 windows)
 }
 COLLAGE_SMALL = {"width": 384, "height": 128, "window_width": 128, "window_height": 128, "overlap": 64}
 CUBEMAP_SMALL = {"width": 64, "height": 64, "window_width": 64, "window_height": 64, "overlap": 32}

@@ -46,12 +46,13 @@ CHAIN_WORKFLOW = PACK_DIR / "workflows" / "collage_chain_prompts.json"
 LOOP_WORKFLOW = PACK_DIR / "workflows" / "collage_loop360.json"
 OUTPAINT_WORKFLOW = PACK_DIR / "workflows" / "collage_outpaint.json"
 CUBEMAP_WORKFLOW = PACK_DIR / "workflows" / "collage_cubemap360.json"
+UPSCALE_WORKFLOW = PACK_DIR / "workflows" / "controlsync_upscale.json"
 OUTPAINT_PHOTO = PACK_DIR / "workflows" / "controlsync_outpaint_photo.jpg"
 LPIPS_FILES = tuple(BACKBONE_FILES.values())
 RUNNER = PACK_DIR / "workflows" / "run_workflow.py"
 PACK_NODES = ("WindowPlanner", "ControlSyncSampler", "ControlSyncWindowedModel", "AnchorSync", "FactorGraphCollage",
               "ControlSyncLoopDecode", "ControlSyncCubemapToEquirect", "ControlSyncEquirectToCubemap",
-              "ControlSyncCubemapLayout", "ControlSyncCoherenceReport")
+              "ControlSyncCubemapLayout", "ControlSyncCoherenceReport", "ControlSyncLowPass")
 CANVAS_W, CANVAS_H = 384, 128  # the small condition image's size: the planner takes the canvas from it
 SMALL_RUN = ["--set", "Window Planner (panorama, MultiDiffusion).window_width=128",   # by display name
              "--set", "WindowPlanner.window_height=128",                 # by type
@@ -443,6 +444,35 @@ def test_collage_cubemap_workflow_converts(server, capsys):
                                                       "filename_prefix": "ControlSync_cubemap"}
 
 
+def test_upscale_workflow_converts(server, capsys):
+    """controlsync_upscale.json: Load Image -> ImageScaleBy 4x -> VAE Encode (Tiled) -> Window Planner (from the
+    latent) -> ControlSync Sampler at denoise 0.45 with the tile ControlNet on the image before upscaling, Anchor
+    Sync counted from the run and the Low-pass Guide on that image -> VAE Decode (Tiled) -> Save."""
+    announce(capsys, server, "upscale conversion")
+    prompt, _ = load_runner().convert(json.loads(UPSCALE_WORKFLOW.read_text()), server.object_info)
+    types = {nid: n["class_type"] for nid, n in prompt.items()}
+    assert sorted(types.values()) == sorted([
+        "CheckpointLoaderSimple", "CLIPTextEncode", "CLIPTextEncode", "ControlNetLoader", "LoadImage", "ImageScaleBy",
+        "VAEEncodeTiled", "WindowPlanner", "ControlNetApplyAdvanced", "AnchorSync", "ControlSyncLowPass",
+        "ControlSyncSampler", "VAEDecodeTiled", "SaveImage"])
+    by_type = {v: k for k, v in types.items()}
+    vae = [by_type["CheckpointLoaderSimple"], 2]
+    image, upscaled, encoded = [by_type["LoadImage"], 0], [by_type["ImageScaleBy"], 0], [by_type["VAEEncodeTiled"], 0]
+    assert prompt[by_type["ControlNetLoader"]]["inputs"]["control_net_name"] == "control_v11f1e_sd15_tile_fp16.safetensors"
+    assert prompt[by_type["ImageScaleBy"]]["inputs"] == {"image": image, "upscale_method": "lanczos", "scale_by": 4.0}
+    assert prompt[by_type["VAEEncodeTiled"]]["inputs"]["pixels"] == upscaled
+    planner = prompt[by_type["WindowPlanner"]]["inputs"]
+    assert (planner["latent"], planner["image"], planner["window_width"], planner["stride"]) == (encoded, upscaled, 512, 384)
+    assert prompt[by_type["ControlNetApplyAdvanced"]]["inputs"]["image"] == image  # the tile ControlNet sees y
+    assert prompt[by_type["ControlSyncLowPass"]]["inputs"] == {"image": image, "vae": vae, "method": "replacement",
+                                                               "space": "latent", "weight": 1.0}
+    assert prompt[by_type["AnchorSync"]]["inputs"]["count_from"] == "run"
+    sampler = prompt[by_type["ControlSyncSampler"]]["inputs"]
+    assert (sampler["latent_image"], sampler["plan"], sampler["sync"], sampler["guide"], sampler["denoise"]) == \
+        (encoded, [by_type["WindowPlanner"], 0], [by_type["AnchorSync"], 0], [by_type["ControlSyncLowPass"], 0], 0.45)
+    assert prompt[by_type["VAEDecodeTiled"]]["inputs"]["samples"] == [by_type["ControlSyncSampler"], 0]
+
+
 def test_conversion_follows_reroutes_primitives_and_bypass(server):
     """What users add in the UI: a reroute, a Primitive driving the seed, a bypassed and a muted node."""
     runner = load_runner()
@@ -682,6 +712,33 @@ def test_collage_cubemap_run(server, tmp_path, capsys):
         print(f"[e2e] {server.describe()}: cubemap of 64 px faces -> 256x128 equirectangular, 2 steps in "
               f"{elapsed:.1f}s; seam score at the longitude wrap {seam:.2f} -> {path}")
     assert seam < 2.0, f"the equirectangular image shows a seam where longitude wraps: {seam:.2f} ({path})"
+
+
+def test_upscale_run(server, tmp_path, capsys):
+    """controlsync_upscale.json, small: the shipped photo resized to 128x128, upscaled 2x to a 256x256 canvas of 128 px
+    windows (stride 64: 9 windows), 2 steps at denoise 0.45 with the tile ControlNet, the Low-pass Guide and Anchor
+    Sync counted from the run (LPIPS-alex, its first of the 2 steps). Main host only (CPU time)."""
+    from PIL import Image
+
+    if server.kind != "main":
+        pytest.skip("the upscale run is checked on the main host only (CPU time)")
+    announce(capsys, server, "upscale run")
+    photo = tmp_path / "photo_128.png"
+    with Image.open(OUTPAINT_PHOTO) as full:
+        full.convert("RGB").resize((128, 128), Image.LANCZOS).save(photo)
+    small = ["--image", str(photo), "--set", "ImageScaleBy.scale_by=2", "--set", "WindowPlanner.window_width=128",
+             "--set", "WindowPlanner.window_height=128", "--set", "WindowPlanner.stride=64",
+             "--set", "ControlSyncSampler.steps=2", "--set", "AnchorSync.lpips_net=alex",
+             "--set", "AnchorSync.sync_steps=25", "--set", "AnchorSync.loss_resolution=full"]
+    _, path, image, pixels, elapsed = checked_run(server, tmp_path, "ControlSync_upscale", *small,
+                                                  workflow=UPSCALE_WORKFLOW, size=(256, 256))
+    meta = json.loads(image.info["prompt"])
+    sampler = next(n for n in meta.values() if n["class_type"] == "ControlSyncSampler")["inputs"]
+    assert (sampler["steps"], sampler["denoise"]) == (2, 0.45) and isinstance(sampler["guide"], list)
+    with capsys.disabled():
+        print(f"[e2e] {server.describe()}: upscale 128 -> 256 px, 9 windows, 2 steps at denoise 0.45 (sync on the "
+              f"first, the guide every step) in {elapsed:.1f}s -> {path}")
+    assert "AnchorSync: non-finite" not in server.log_tail(400), server.log_tail(400)
 
 
 def test_errors_are_reported(server, tmp_path, capsys):
