@@ -31,7 +31,7 @@ from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
 CACHE = TESTS / ".cache" / "e2e_families"
-ASSET_VERSION = 1
+ASSET_VERSION = 2
 SEED = 20251012
 
 SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
@@ -64,6 +64,7 @@ FLUX_CONFIG = {
     "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096,
     "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 1, "depth_single_blocks": 0,
     "axes_dim": [16, 56, 56], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
+    "txt_ids_dims": [],  # ComfyUI 0.33's FluxParams field (detection sets [] for Flux)
 }
 SD_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
           "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}

@@ -20,7 +20,7 @@ on a tiny config; `loader_kind` lets the tests compare them with what the real l
 dict holding the detection keys (the loader runs; its full-size weights are left uninitialised and unused).
 
 VAEs: the SD layout (4 channels, SDXL), the same with 16 channels (SD3, Flux), and a tiny Wan 2.1 VAE
-(Qwen-Image) inside ComfyUI's `comfy.sd.VAE`.
+(Qwen-Image) loaded by ComfyUI's `comfy.sd.VAE` from its state dict (0.33 reads the width from the file).
 """
 from __future__ import annotations
 
@@ -60,6 +60,7 @@ FLUX_UNET = {
     "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 64,
     "hidden_size": 48, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
     "axes_dim": [4, 10, 10], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
+    "txt_ids_dims": [],  # 0.33: which text-id axes carry positions (detection sets [] for Flux)
 }
 
 QWEN_UNET = {
@@ -230,14 +231,10 @@ def vae(family: str, seed: int = 5):
 
 
 def _wan_vae(seed: int):
-    """ComfyUI's VAE object set up for a Wan 2.1 VAE (what it detects from the file) holding a tiny WanVAE."""
+    """A tiny Wan 2.1 VAE through ComfyUI's own VAE loader: 0.33 reads the width from the file
+    (`decoder.head.0.gamma`); the channel multipliers and block counts are its fixed ones."""
     import comfy.ldm.wan.vae
-    with torch.device("meta"):  # the detected full-size module: only its settings are kept
-        out = comfy.sd.VAE(sd={"decoder.middle.0.residual.0.gamma": torch.zeros(384, 1, 1, 1)}, device=CPU,
-                           dtype=torch.float32)
-    net = comfy.ldm.wan.vae.WanVAE(dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+    net = comfy.ldm.wan.vae.WanVAE(dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
                                    temperal_downsample=[False, True, True], dropout=0.0)
     _init_weights(net, seed)
-    out.first_stage_model = net.eval()
-    out.patcher = comfy.model_patcher.ModelPatcher(net, load_device=CPU, offload_device=CPU)
-    return out
+    return comfy.sd.VAE(sd=net.state_dict(), device=CPU, dtype=torch.float32)
