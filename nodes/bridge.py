@@ -748,6 +748,12 @@ class WindowConds:
     def _window_model_cond(self, c, regions, B):
         if isinstance(c, comfy.conds.CONDNoiseShape) and tuple(c.cond.shape[-2:]) == self.plan.canvas:
             return c._copy_with(stack_regions(c.cond, regions, B))
+        if isinstance(c, comfy.conds.CONDList):
+            # reference latents (ReferenceLatent: Flux Kontext, Flux.2, Qwen-Image Edit, Z-Image Omni): one of the
+            # canvas latent's size describes the canvas (the image being edited), so each window gets its crop,
+            # like a ControlNet hint; any other size (a subject, a style) is given whole to every window
+            return c._copy_with([stack_regions(t, regions, B) if torch.is_tensor(t) and tuple(t.shape[-2:]) == self.plan.canvas
+                                 else t for t in c.cond])
         return c
 
     def _region_prompt(self, original, batch, B):
