@@ -730,6 +730,11 @@ class WindowConds:
         if d.get("model_conds"):
             w["model_conds"] = {k: self._window_model_cond(v, regions, B) for k, v in d["model_conds"].items()}
             prompted = role == "positive" and self.plan.prompts and "area" not in d and d.get("mask") is None
+            if prompted and d.get("conditioning_llama3") is not None:
+                raise ValueError("plan: per-factor prompts give each factor its own text embedding and pooled vector; "
+                                 "this prompt (HiDream) also carries Llama-3 hidden states, which a plan does not hold "
+                                 "per factor, so every factor would keep the positive prompt's. Use prompt_mode 'one "
+                                 "for all' with HiDream.")
             if prompted:
                 w["model_conds"]["c_crossattn"] = self._region_prompt(d, d["model_conds"].get("c_crossattn"), batch, B)
             pooled = self.plan.pooled if prompted and self.plan.pooled else None
