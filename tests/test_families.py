@@ -46,7 +46,7 @@ def starts(family):
 CASES = [("sdxl", "controlnet"), ("sdxl", "control_lora"), ("sdxl_v", "controlnet"), ("sd35", "sd35"),
          ("flux", "instantx"), ("flux", "union"), ("flux", "xlabs"), ("flux", "concat"), ("qwen", "qwen"),
          ("flux2", "none"), ("flux2_klein", "reference"), ("zimage", "none"), ("qwen_edit", "reference"),
-         ("chroma", "none"), ("hidream", "none")]
+         ("qwen_edit", "qwen_fun"), ("chroma", "none"), ("hidream", "none")]
 CONTROL_CASES = [c for c in CASES if c[1] not in ("none", "reference")]
 # Flux, Flux.2 [dev] and Z-Image Turbo (guidance-distilled) sample at cfg 1
 CFG = {"sdxl": 5.0, "sdxl_v": 5.0, "sd35": 4.0, "flux": 1.0, "qwen": 2.5, "flux2": 1.0, "flux2_klein": 3.0,
@@ -122,7 +122,7 @@ def build(f, family, control="default", dtype=torch.float32, inference=True):
         world["vae"] = tf.vae(family)
         world["control"] = {"controlnet": tf.sdxl_controlnet, "control_lora": tf.sdxl_control_lora,
                             "sd35": tf.sd35_controlnet, "qwen": tf.qwen_controlnet, "concat": lambda: None,
-                            "none": lambda: None, "reference": lambda: None,
+                            "none": lambda: None, "reference": lambda: None, "qwen_fun": tf.qwen_fun_controlnet,
                             "instantx": lambda: tf.flux_controlnet("instantx"), "union": lambda: tf.flux_controlnet("union"),
                             "xlabs": lambda: tf.flux_controlnet("xlabs")}[control]()
         if control == "union":

@@ -10,7 +10,10 @@ under a second):
 * Flux (double- and single-stream blocks, RoPE positions, guidance embedding) with the InstantX, union and
   XLabs ControlNets, and Flux Tools' concat conditioning (a model with 32 input channels, the condition
   latent concatenated as `concat_latent_image`).
-* Qwen-Image (5-D latents with one frame) with the InstantX ControlNet.
+* Qwen-Image (5-D latents with one frame) with the InstantX ControlNet, and Qwen-Image Edit with the Fun
+  ControlNet (ComfyUI's loader reads its size from the weights).
+* ComfyUI 0.33's Flux.2 [dev] and [klein] (128-channel latents at 1/16 with Flux.2's VAE), Z-Image (Lumina 2's
+  NextDiT with Z-Image's settings) and its Fun ControlNet (a model patch), Chroma and HiDream.
 
 ComfyUI's loaders for the Flux and Qwen-Image ControlNets detect the model size from fixed numbers
 (`model_detection` sets hidden size 3072 whatever the file holds), so no small file can go through them.
@@ -232,6 +235,18 @@ def qwen_controlnet(seed: int = 1):
     net = comfy.ldm.qwen_image.controlnet.QwenImageControlNetModel(extra_condition_channels=0, operations=OPS,
                                                                      device="cpu", dtype=torch.float32, **config)
     return _control(net, seed, compression_ratio=1, latent_format=comfy.latent_formats.Wan21(), extra_conds=[])
+
+
+def qwen_fun_controlnet(seed: int = 2):
+    """Qwen-Image's Fun ControlNet (VAE-encoded hint, run with the base model's own blocks) through ComfyUI's own
+    loader, which reads its width and heads from the weights: tiny, the width of the tiny Qwen-Image."""
+    config = {k: v for k, v in QWEN_UNET.items() if k != "image_model"}
+    inner = config["attention_head_dim"] * config["num_attention_heads"]
+    net = comfy.ldm.qwen_image.controlnet.QwenImageFunControlNetModel(
+        control_in_features=132, inner_dim=inner, num_attention_heads=config["num_attention_heads"],
+        attention_head_dim=config["attention_head_dim"], operations=OPS, device="cpu", dtype=torch.float32)
+    _init_weights(net, seed)
+    return comfy.controlnet.load_controlnet_state_dict(net.state_dict())
 
 
 def control_kind(control) -> dict:
