@@ -58,6 +58,7 @@ def build_world(s, dtype, inference):
             model.model.diffusion_model.dtype = dtype
             model.model.manual_cast_dtype = None
             model.model.model_config.unet_config["dtype"] = dtype
+            tm.sample_in_model_dtype(model, dtype)  # ComfyUI 0.33's sampler runs in float32 otherwise
             cn.control_model.to(dtype)
             cn.control_model.dtype = dtype
             vae.first_stage_model.to(dtype)

@@ -9,6 +9,7 @@ import comfy.controlnet
 import comfy.model_management
 import comfy.model_patcher
 import comfy.ops
+import comfy.patcher_extension
 import comfy.supported_models
 import comfy.t2i_adapter.adapter
 
@@ -115,3 +116,16 @@ def tiny_vae(seed: int = 5):
     net = comfy.ldm.models.autoencoder.AutoencoderKL(**config["params"])
     _init_weights(net, seed)
     return comfy.sd.VAE(sd=net.state_dict(), device=torch.device("cpu"), config=config, dtype=torch.float32)
+
+
+def sample_in_model_dtype(model: comfy.model_patcher.ModelPatcher, dtype: torch.dtype) -> None:
+    """Keep the sampler's state (noise, latent, every step) in `dtype` for float64 exactness tests.
+
+    ComfyUI 0.33's CFGGuider.outer_sample casts noise and latent to float32 whatever the latent's dtype
+    (comfy/samplers.py: `noise.to(device=device, dtype=torch.float32)`); 0.3.64 kept the latent's dtype.
+    Registered with ComfyUI's wrapper API on this test model only (clones carry it), this sampler_sample wrapper
+    hands the sampler float64 again; on 0.3.64 it changes nothing. The result still comes back in float32."""
+    def in_dtype(executor, guider, sigmas, extra_args, callback, noise, latent_image, *args, **kwargs):
+        return executor(guider, sigmas, extra_args, callback, noise.to(dtype), latent_image.to(dtype), *args, **kwargs)
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, "tests.sample_in_model_dtype",
+                               in_dtype)
