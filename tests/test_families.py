@@ -91,13 +91,14 @@ def f(comfy):
 
 # --- the worlds ----------------------------------------------------------------------------------
 
-def to_dtype(world, dtype):
+def to_dtype(f, world, dtype):
     """Models, ControlNet, VAE and conditioning in `dtype` (float64 for the exact checks)."""
     base = world["model"].model
     base.to(dtype)
     base.diffusion_model.dtype = dtype
     base.manual_cast_dtype = None
     base.model_config.unet_config["dtype"] = dtype
+    f.tm.sample_in_model_dtype(world["model"], dtype)  # ComfyUI 0.33's sampler runs in float32 otherwise
     control = world["control"]
     if control is not None and getattr(control, "control_model", None) is not None:
         control.control_model.to(dtype)
@@ -129,7 +130,7 @@ def build(f, family, control="default", dtype=torch.float32, inference=True):
             world["control"] = ncn.SetUnionControlNetType().set_controlnet_type(world["control"],
                                                                                 "canny/lineart/anime_lineart/mlsd")[0]
         if dtype != torch.float32:
-            to_dtype(world, dtype)
+            to_dtype(f, world, dtype)
 
         def cast(cond):
             return [[t.to(dtype), {k: (v.to(dtype) if torch.is_tensor(v) else v) for k, v in d.items()}] for t, d in cond]
@@ -514,9 +515,7 @@ class Reference:
         latent = self.model.process_latent_in(latent)
         max_sigma = float(sampling.sigma_max)
         max_denoise = abs(float(sigmas[0]) - max_sigma) <= 1e-5 * max_sigma or float(sigmas[0]) > max_sigma
-        # ComfyUI 0.33's sampler holds the latent in float32 whatever the model's dtype (outer_sample casts the
-        # noise and the latent): the canvas state between steps is float32, each step is computed in float64
-        x = sampling.noise_scaling(sigmas[0], noise.float(), latent.float(), max_denoise=max_denoise)
+        x = sampling.noise_scaling(sigmas[0], noise, latent, max_denoise=max_denoise).to(self.dtype)
         for i in range(steps):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
             size, first = window_cells(self.w["family"]), starts(self.w["family"])
@@ -531,7 +530,7 @@ class Reference:
                     with torch.enable_grad():
                         (g,) = torch.autograd.grad(self.loss(xk, sigma, k, anchor_image), xk)
                     moved[k] = windows[k] - w_t * paper_step_scale(self.w["family"], sigma) * g
-            total, count = (torch.zeros_like(x, dtype=self.dtype) for _ in range(2))
+            total, count = torch.zeros_like(x), torch.zeros_like(x)
             for k, xk in enumerate(moved):
                 with torch.no_grad():
                     d = self.denoise(xk, sigma, k)
@@ -540,8 +539,9 @@ class Reference:
                 stepped = xk + (xk - d) / sigma * (sigma_next - sigma)
                 total[..., first[k]:first[k] + size] += stepped
                 count[..., first[k]:first[k] + size] += 1
-            x = (total / count).float()
-        return self.model.process_latent_out(sampling.inverse_noise_scaling(sigmas[-1], x))
+            x = total / count
+        # ComfyUI hands the sampled latent back in float32
+        return self.model.process_latent_out(sampling.inverse_noise_scaling(sigmas[-1], x).to(torch.float32))
 
 
 @contextlib.contextmanager
@@ -572,17 +572,7 @@ def world64(f, family):
 SYNC_FAMILIES = ["sdxl", "sdxl_v", "sd35", "flux", "qwen", "flux2", "flux2_klein", "zimage", "qwen_edit", "chroma",
                  "hidream"]
 
-# The exactness bounds below were met on 0.3.64, whose sampler kept a float64 model's latent in float64. ComfyUI
-# 0.33 holds the sampler's latent in float32 (outer_sample), and AnchorSync's mechanism is being rewritten (issue
-# 15: moves applied to the sampler's own state). Until that lands these run, print their deviations and may fail
-# their bounds (only an AssertionError counts as expected: a set-up error still fails the test). On 0.33 before
-# the rewrite: paper's loop 7e-8..7e-7 relative (bound 1.2e-7); read-back gradient vs autograd 3e-5..6e-3 (bound
-# 1e-10: the moves are rounded to the float32 state); central differences within their 5e-3 bound.
-SYNC_EXACTNESS_PENDING = pytest.mark.xfail(raises=AssertionError, strict=False,
-                                           reason="issue 15 rewrite pending; 0.33 samples in a float32 state")
 
-
-@SYNC_EXACTNESS_PENDING
 @pytest.mark.parametrize("family", SYNC_FAMILIES)
 def test_synced_run_equals_the_papers_algorithm_in_the_models_parameterisation(f, family):
     from controlsync.sampling.sync import SyncSchedule
@@ -594,9 +584,9 @@ def test_synced_run_equals_the_papers_algorithm_in_the_models_parameterisation(f
         unsynced = sample(f, ours_world, batch=1, steps=2)
     error = (ours - ref).abs().max().item()
     moved = (ours - unsynced).abs().max().item()
-    print(f"[families] sync {family} (float64 models, float32 sampler state; euler/simple, 2 steps): max |pack - paper's "
-          f"loop| = {error:.2e} (relative {error / ref.abs().max().item():.1e}); sync moved the result by {moved:.3e}")
-    # float64 models, VAE and LPIPS; the sampler's state and result are float32: equal up to that rounding
+    print(f"[families] sync {family} (float64, returned in float32; euler/simple, 2 steps): max |pack - paper's loop| = "
+          f"{error:.2e} (relative {error / ref.abs().max().item():.1e}); sync moved the result by {moved:.3e}")
+    # float64 throughout; ComfyUI returns the latent in float32: equal up to that last rounding
     ulp = 2 ** -23 * ref.abs().max().item()
     assert error <= ulp
     assert moved > 1000 * ulp  # the comparison is not vacuous
@@ -613,7 +603,6 @@ class Recorder:
         return executor(model, conds, x, timestep, *args, **kwargs)
 
 
-@SYNC_EXACTNESS_PENDING
 @pytest.mark.parametrize("family", SYNC_FAMILIES)
 def test_sync_gradient_matches_finite_differences_in_float64(f, family):
     """The pack's update of a window, read below its wrapper and divided by w (alpha^2 + sigma^2), against
@@ -624,8 +613,7 @@ def test_sync_gradient_matches_finite_differences_in_float64(f, family):
     windowed.add_wrapper_with_key(f.pe.WrappersMP.CALC_COND_BATCH, "test.recorder", recorder)
     with torch.inference_mode(), plain_torch_kernels():
         f.nodes.common_ksampler(windowed, 5, 1, ours["cfg"], "euler", "simple", ours["pos"], ours["neg"], ours["latent"])
-    # ComfyUI 0.33's sampler holds the latent in float32 (the windows' moves are rounded to it)
-    calls = [(x.to(torch.float64), graph, t) for x, graph, t in recorder.calls]
+    calls = recorder.calls
     graded = [i for i, c in enumerate(calls) if c[1]]
     assert not calls[0][1] and len(graded) == WINDOWS - 1  # anchor without graph, every other window with one
     # the denoising pass reuses the anchor's recorded prediction: it evaluates windows 1.. at their moved latents
