@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import subprocess
 import sys
@@ -30,7 +31,7 @@ PACK_DIR = TESTS.parent
 CACHE = TESTS / ".cache" / "e2e"
 
 # Bump when anything below changes what gets written: the cache is rebuilt.
-ASSET_VERSION = 1
+ASSET_VERSION = 2
 SEED = 20240611
 
 CHECKPOINT_NAME = "v1-5-pruned-emaonly-fp16.safetensors"
@@ -225,7 +226,10 @@ def build(root: Path, host: Path) -> None:
         _init_weights(vae, SEED + 2)
         vae_sd = vae.state_dict()
 
-        sd = _fp16(model.state_dict_for_saving(clip_sd, vae_sd))
+        # 0.33 takes the UNet's state dict as the first argument (0.3.64 read it from the model itself)
+        saving = inspect.signature(model.state_dict_for_saving).parameters
+        unet = (model.diffusion_model.state_dict(),) if "unet_state_dict" in saving else ()
+        sd = _fp16(model.state_dict_for_saving(*unet, clip_state_dict=clip_sd, vae_state_dict=vae_sd))
         assets.checkpoints.mkdir(parents=True, exist_ok=True)
         comfy.utils.save_torch_file(sd, str(assets.checkpoint))
         del model, clip, vae, sd, clip_sd, vae_sd

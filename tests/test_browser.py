@@ -5,12 +5,15 @@ conversion) and its images must arrive - each small workflow on one of the two f
 on the other; the SDXL and Flux workflows are converted on both (their stand-ins run in test_e2e_families.py).
 Also: the pack's nodes are found by the frontend's own search for
 panorama / 360 / seamless / ..., workflows saved with the old socket type names still load with their
-links, the Coherence Report's numbers show on the node, and (pinned frontend) the missing-models dialog
-accepts the pack's `lpips` folder.
+links, the Coherence Report's numbers show on the node, the missing-models dialog of the older host's frontend
+accepts the pack's `lpips` folder, and the newer frontends' Errors / Issues panel lists a missing loader file with
+its folder.
 
-Two frontends, one server each (main host): the one ComfyUI pins (its requirements.txt; the host's venv has
+Three frontends, one server each: on the main host the one ComfyUI pins (its requirements.txt; the host's venv has
 it) and the newest `comfyui-frontend-package` from the registry, served with `--front-end-root`
-(.ci/run installs it into tests/.cache/frontend-latest). Chromium is Debian's (`/usr/bin/chromium`, or
+(.ci/run installs it into tests/.cache/frontend-latest); on the older host (0.3.64) the one it pins (1.27.10, from
+its overlay folder: comfy_host.host_overlay), which still has the missing-models dialog - every workflow is
+converted there, none queued. Chromium is Debian's (`/usr/bin/chromium`, or
 $CONTROLSYNC_CHROMIUM); playwright's Python client drives it (no browser download). Missing pieces fail
 under CI=true and skip otherwise.
 """
@@ -19,11 +22,12 @@ from __future__ import annotations
 import json
 import os
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from comfy_host import PACK_DIR, find_host
+from comfy_host import PACK_DIR, find_host, old_host
 from e2e_assets import STAND_INS, ensure_assets
 from test_e2e_server import ComfyServer, ensure_lpips, http_json, require
 
@@ -86,9 +90,10 @@ def small_copies(input_dir: Path) -> dict[str, str]:
     return names
 
 
-@pytest.fixture(scope="module", params=["pinned", "latest"])
+@pytest.fixture(scope="module", params=["pinned", "latest", "old"])
 def browser_page(request, tmp_path_factory):
-    host = require(find_host(), "the main ComfyUI host")
+    main = require(find_host(), "the main ComfyUI host")
+    host = main if request.param != "old" else require(old_host(), "the old ComfyUI host (0.3.64; set COMFYUI_OLD_PATH)")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -98,10 +103,13 @@ def browser_page(request, tmp_path_factory):
     if request.param == "latest":
         found = require(latest_frontend(), f"the newest comfyui-frontend-package in {LATEST_FRONTEND} (.ci/run)")
         extra, expected = ["--front-end-root", str(found[0])], found[1]
-    assets = ensure_assets(host)
-    srv = ComfyServer(host, tmp_path_factory.mktemp(f"browser-{request.param}"), assets, ensure_lpips(host), extra)
+    assets = ensure_assets(main)
+    srv = ComfyServer(host, tmp_path_factory.mktemp(f"browser-{request.param}"), assets, ensure_lpips(main), extra)
     try:
         srv.wait_ready()
+        # a returning user: a fresh user's first page opens the template browser over the canvas
+        urllib.request.urlopen(urllib.request.Request(srv.url + "/settings/Comfy.TutorialCompleted", data=b"true",
+                                                      method="POST"), timeout=30).close()
         srv.small_images = small_copies(srv.input_dir)
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -170,17 +178,27 @@ def queue_and_wait(page) -> dict:
     pytest.fail(f"no finished run within {RUN_TIMEOUT}s ({page.frontend}); server log:\n{srv.log_tail()}")
 
 
-# first in the module: a fresh page, no dialog or toast of an earlier run in front of it
-def test_missing_models_dialog_accepts_the_lpips_folder(browser_page):
-    """Pinned frontend: a missing file listed for the pack's `lpips` model folder is shown as `lpips / <file>`
-    without 'Invalid directory' (the pack registers the folder); the dialog only downloads .safetensors from
-    huggingface.co / civitai.com, so for download.pytorch.org's .pth files it shows the file, its folder and
-    the address, and the user fetches it (the note and README say so)."""
-    if not browser_page.frontend.startswith("pinned"):
-        pytest.skip("newer frontends list missing models in their Issues panel instead of this dialog")
-    workflow = json.loads((PACK_DIR / "workflows" / "controlsync_anchorsync.json").read_text())
+def with_missing_files(workflow: dict) -> dict:
+    """The workflow with a missing file listed for the pack's `lpips` folder (the workflow's `models` list, as the
+    shipped ones list the LPIPS backbone) and its checkpoint loader naming a missing checkpoint."""
     workflow["models"] = [{"name": "controlsync_not_there.pth", "directory": "lpips",
                            "url": "https://download.pytorch.org/models/controlsync_not_there.pth"}]
+    loader = next(n for n in workflow["nodes"] if n["type"] == "CheckpointLoaderSimple")
+    loader["widgets_values"] = ["controlsync_not_there.safetensors"]
+    loader["properties"]["models"] = [{"name": "controlsync_not_there.safetensors", "directory": "checkpoints",
+                                       "url": "https://huggingface.co/controlsync/none/resolve/main/controlsync_not_there.safetensors"}]
+    return workflow
+
+
+# first in the module: a fresh page, no dialog or toast of an earlier run in front of it
+def test_missing_models_dialog_accepts_the_lpips_folder(browser_page):
+    """The older host's frontend (1.27): a missing file listed for the pack's `lpips` model folder is shown as
+    `lpips / <file>` without 'Invalid directory' (the pack registers the folder); the dialog only downloads
+    .safetensors from huggingface.co / civitai.com, so for download.pytorch.org's .pth files it shows the file, its
+    folder and the address, and the user fetches it (the note and README say so)."""
+    if not browser_page.frontend.startswith("old"):
+        pytest.skip("frontends 1.48 and newer have no missing-models dialog (their Errors / Issues panel: below)")
+    workflow = with_missing_files(json.loads((PACK_DIR / "workflows" / "controlsync_anchorsync.json").read_text()))
     browser_page.evaluate("async () => { await window.app.extensionManager.setting.set("
                           "'Comfy.Workflow.ShowMissingModelsWarning', true); }")
     load(browser_page, workflow)
@@ -191,6 +209,25 @@ def test_missing_models_dialog_accepts_the_lpips_folder(browser_page):
         text = browser_page.evaluate(dialogs)
     assert "lpips / controlsync_not_there.pth" in text and "Invalid directory" not in text, \
         text or "no dialog; the page shows: " + browser_page.evaluate("() => document.body.innerText.slice(0, 1500)")
+    browser_page.keyboard.press("Escape")
+
+
+def test_errors_panel_lists_a_missing_loader_file_with_its_folder(browser_page):
+    """Frontends 1.48 and newer (0.33 pins 1.48.7): the side panel's Missing Models list, opened from the toast's
+    'View details', names a loader's missing file, its folder and a Download; the workflow's `models` list (the
+    LPIPS backbone, which no loader names) is not listed there - the workflow's note names it."""
+    if browser_page.frontend.startswith("old"):
+        pytest.skip("frontend 1.27 shows the missing-models dialog instead (above)")
+    load(browser_page, with_missing_files(json.loads((PACK_DIR / "workflows" / "controlsync_anchorsync.json").read_text())))
+    browser_page.get_by_text("View details").first.click(timeout=30_000)
+    deadline, lines = time.monotonic() + 30, []
+    while time.monotonic() < deadline and "controlsync_not_there.safetensors" not in lines:
+        time.sleep(0.5)
+        lines = browser_page.evaluate("() => document.body.innerText").splitlines()
+    assert "Missing Models" in lines and "controlsync_not_there.safetensors" in lines, lines[:80]
+    at = lines.index("controlsync_not_there.safetensors")
+    assert lines[at + 1:at + 3] == ["checkpoints", "Download"], lines[at - 5:at + 5]
+    assert not any("controlsync_not_there.pth" in line for line in lines)
     browser_page.keyboard.press("Escape")
 
 
@@ -206,7 +243,7 @@ def test_workflow_runs_from_the_page(browser_page, path, capsys):
                             ".filter(t => !(t in window.LiteGraph.registered_node_types))")
     assert missing == [], f"{page.frontend}: missing node types {missing}"
     family = needs_large_models(workflow)
-    if family or path.stem not in RUN_ON[page.frontend.split()[0]]:
+    if family or path.stem not in RUN_ON.get(page.frontend.split()[0], ()):
         # the SDXL and Flux workflows: their multi-GB stand-ins live in tests/test_e2e_families.py's server (and
         # Flux's T5-XXL has none); the newest frontend queues one workflow (CPU time). Here the frontend's own
         # conversion must wire every pack node's inputs

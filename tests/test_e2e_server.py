@@ -1,5 +1,5 @@
 """End to end: a real ComfyUI server loads the pack and runs the shipped workflow headless, with the
-command the README gives (workflows/run_workflow.py), on the main host and on the older 0.3.50 host; the AnchorSync workflow (controlsync_anchorsync.json) runs on the
+command the README gives (workflows/run_workflow.py), on the main host and on the older 0.3.64 host; the AnchorSync workflow (controlsync_anchorsync.json) runs on the
 main host only (its synced steps backpropagate through the UNet and the VAE decoder: the CPU time), and
 so do the three Factor Graph Collage workflows (collage_chain_prompts.json: a chain with a prompt per factor;
 collage_loop360.json: a cycle decoded by Loop VAE Decode, checked for a seam where its ends meet;
@@ -13,8 +13,10 @@ ImageNet VGG16 / AlexNet convolutions, converted offline) sit in a folder mapped
 file, as a symlink in a temporary folder (any folder name works: the pack imports relatively).
 
 Hosts: main = conftest's host ($COMFYUI_PATH, the ComfyUI the pack sits in, ~/comfy/ComfyUI);
-old = $COMFYUI_OLD_PATH, else ~/comfy/ComfyUI-0.3.50. A missing host fails under CI=true and skips
-otherwise. Servers run with $COMFYUI_PYTHON, else this interpreter.
+old = $COMFYUI_OLD_PATH, else ~/comfy/ComfyUI-0.3.64. A missing host fails under CI=true and skips
+otherwise. Servers run with $COMFYUI_PYTHON, else this interpreter; an older host whose pinned frontend /
+workflow templates differ from the venv's gets them from an overlay folder first on its PYTHONPATH
+(comfy_host.host_overlay; the venv is not touched).
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comfy_host import PACK_DIR, find_host, host_version, old_host  # noqa: E402
+from comfy_host import PACK_DIR, find_host, host_overlay, host_version, old_host  # noqa: E402
 from lpips_weights import BACKBONE_FILES, LPIPS_DIR  # noqa: E402
 from e2e_assets import CONDITION_NAME, _locked, ensure_assets  # noqa: E402
 
@@ -146,8 +148,12 @@ class ComfyServer:
             cmd += ["--user-directory", str(root / "user")]
         if '"--database-url"' in cli:
             cmd += ["--database-url", "sqlite:///:memory:"]
+        env = dict(os.environ)
+        overlay = host_overlay(host, PYTHON)  # an older host's own frontend / workflow templates (comfy_host.py)
+        if overlay is not None:
+            env["PYTHONPATH"] = os.pathsep.join([str(overlay)] + [p for p in [env.get("PYTHONPATH")] if p])
         self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=host, stdout=self.log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(cmd, cwd=host, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                      stdin=subprocess.DEVNULL, start_new_session=True,
                                      preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
 
@@ -188,7 +194,7 @@ class ComfyServer:
 def server(request, tmp_path_factory):
     main = find_host()
     host = require(main, "the main ComfyUI host") if request.param == "main" \
-        else require(old_host(), "the old ComfyUI host (0.3.50; set COMFYUI_OLD_PATH)")
+        else require(old_host(), "the old ComfyUI host (0.3.64; set COMFYUI_OLD_PATH)")
     assets = ensure_assets(main or host, python=PYTHON)
     lpips = ensure_lpips(main or host)
     srv = ComfyServer(host, tmp_path_factory.mktemp(f"comfy-{request.param}"), assets, lpips)

@@ -13,14 +13,22 @@ from test_sync import WINDOW_STARTS, run, s, sync_settings  # noqa: F401  (s: th
 
 @contextlib.contextmanager
 def progress_calls():
+    """Every update of every bar. ComfyUI 0.33's ProgressBar forwards an update to the hook only 0.1 s after the
+    last one (first and final always): that interval is set to 0 here, so the test sees each update the pack
+    makes, not how fast this machine runs."""
     import comfy.utils
     calls = []
     previous = comfy.utils.PROGRESS_BAR_HOOK
+    interval = getattr(comfy.utils, "PROGRESS_THROTTLE_MIN_INTERVAL", None)
     comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: calls.append((value, total)))
+    if interval is not None:
+        comfy.utils.PROGRESS_THROTTLE_MIN_INTERVAL = 0.0
     try:
         yield calls
     finally:
         comfy.utils.set_progress_bar_global_hook(previous)
+        if interval is not None:
+            comfy.utils.PROGRESS_THROTTLE_MIN_INTERVAL = interval
 
 
 def test_synced_steps_move_a_bar_per_window(s):

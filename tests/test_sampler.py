@@ -415,7 +415,10 @@ def test_condition_image_with_another_aspect_is_refused(w):
 def test_context_windows_and_double_windowing_are_refused(w):
     import comfy_extras.nodes_context_windows as ctx
     p = plan(w)
-    with_ctx = ctx.ContextWindowsManualNode.execute(w.model, 16, 4, "standard_static", 1, False, "pyramid", 0).args[0]
+    with_ctx = ctx.ContextWindowsManualNode.execute(w.model, context_length=16, context_overlap=4,
+                                                    context_schedule="standard_static", context_stride=1,
+                                                    closed_loop=False, fuse_method="pyramid", dim=0,
+                                                    freenoise=False).args[0]
     with pytest.raises(ValueError, match="context windows are active"):
         run(w, p, model=with_ctx)
     windowed = w.Windowed.execute(w.model, p, 0).args[0]

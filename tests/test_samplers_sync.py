@@ -23,8 +23,8 @@ STARTS = [0, 4, 8]            # three 64 px windows, stride 32 px, in latent cel
 LATENT = (1, 4, 8, 16)
 SEED, CFG = 3, 7.5
 
-# ComfyUI 0.3.64's KSampler.SAMPLERS (older hosts offer a subset; a newer host's extra samplers fail
-# test_every_offered_sampler_is_covered until they are added here)
+# ComfyUI 0.33.0's KSampler.SAMPLERS (older hosts offer a subset - 0.3.64 lacks the two exp_heun_2_x0 ones -;
+# a newer host's extra samplers fail test_every_offered_sampler_is_covered until they are added here)
 SAMPLERS = [
     "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "dpm_2",
     "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu",
@@ -32,7 +32,7 @@ SAMPLERS = [
     "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm", "ipndm_v", "deis", "res_multistep",
     "res_multistep_cfg_pp", "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp", "gradient_estimation",
     "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece", "ddim", "uni_pc",
-    "uni_pc_bh2",
+    "uni_pc_bh2", "exp_heun_2_x0", "exp_heun_2_x0_sde",
 ]
 REFUSED = ["dpm_fast", "dpm_adaptive"]
 

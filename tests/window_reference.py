@@ -158,6 +158,7 @@ class WindowReference:
     def sample(self, sigmas, seed, weights, kind="euler", latent_shape=None, fast=False):
         """The final latent (as ComfyUI returns it) for the schedule `sigmas` and the per-step weights w_t.
         `fast`: AnchorSync's 'skip model Jacobian' mode (one model evaluation per window and step)."""
+        import comfy.k_diffusion.sampling
         import comfy.sample
         sigmas = sigmas.to(self.dtype)
         latent = torch.zeros(latent_shape, dtype=self.dtype)
@@ -165,10 +166,11 @@ class WindowReference:
         max_sigma = float(self.model.model_sampling.sigma_max)
         max_denoise = abs(float(sigmas[0]) - max_sigma) <= 1e-5 * max_sigma or float(sigmas[0]) > max_sigma
         x = self.model.model_sampling.noise_scaling(sigmas[0], noise, latent, max_denoise=max_denoise)
-        generator = torch.Generator().manual_seed(seed)  # k-diffusion's default noise sampler, seeded
+        # k-diffusion's default noise sampler as the host seeds it (0.33 seeds `seed + 1` on the CPU, 0.3.64 `seed`)
+        noise_sampler = comfy.k_diffusion.sampling.default_noise_sampler(x, seed=seed)
 
         def draw():
-            return torch.randn(x.shape, dtype=x.dtype, generator=generator)
+            return noise_sampler(None, None)
         for i in range(len(sigmas) - 1):
             windows, moved, kappas = self.moved_windows(x, sigmas[i], weights[i] if i < len(weights) else 0.0, fast)
             x = self.step(kind, x, windows, moved, sigmas[i], sigmas[i + 1], draw, fast, kappas)
