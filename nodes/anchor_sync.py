@@ -37,8 +37,9 @@ class AnchorSync(io.ComfyNode):
                                        "Needs vgg16-397923af.pth / alexnet-owt-7be5be79.pth in models/lpips/."),
                 io.Combo.Input("gradient", options=["exact", "skip model Jacobian"], default="exact",
                                tooltip="exact: the gradient flows through CFG, ControlNets, UNet and VAE decoder (the "
-                                       "paper). 'skip model Jacobian' treats the model's prediction as fixed: faster, "
-                                       "less memory, approximate."),
+                                       "paper). 'skip model Jacobian': no backward pass through the model - the "
+                                       "gradient stops at its prediction and the model's slope along it comes from one "
+                                       "more forward evaluation: faster, less memory, approximate."),
                 io.Combo.Input("loss_resolution", options=["full", "half"], default="full", optional=True,
                                tooltip="full: the loss decodes each window at full size (the paper). half: x0 is "
                                        "average-pooled 2x before decoding - about 4x less decoder and LPIPS time and "

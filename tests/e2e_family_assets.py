@@ -1,4 +1,5 @@
-"""Model files for the SDXL and Flux workflows' end-to-end runs, built once and cached in tests/.cache/e2e_families/.
+"""Model files for the SDXL, Flux and Z-Image workflows' end-to-end runs, built once and cached in
+tests/.cache/e2e_families/.
 
 Random seeded weights (fp16) under the standard file names the shipped workflows use, in layouts ComfyUI's
 own loaders accept (written with ComfyUI's own save helpers):
@@ -14,24 +15,31 @@ own loaders accept (written with ComfyUI's own save helpers):
 * `flux-canny-controlnet-v3.safetensors` (ControlNetLoader): an XLabs Flux ControlNet, one double block.
 * `ae.safetensors` (VAELoader): Flux's 16-channel VAE layout.
 * `clip_l.safetensors`: CLIP-L, full size (its loader's fixed config).
+* `z_image_turbo_bf16.safetensors` (UNETLoader): Z-Image is detected by its width (3840, 30 heads) and always has
+  two noise- and two context-refiner blocks; the main depth is read from the file: one block (0.9 B parameters,
+  ~1.8 GB in bf16). Its text width is read from the file too: 768, CLIP-L's (see below).
 
-Not built: `t5xxl_fp16.safetensors`. Flux's text encoder loader (DualCLIPLoader, type flux) takes T5-XXL
+Not built: `t5xxl_fp16.safetensors`, `qwen_3_4b.safetensors`. Flux's text encoder loader (DualCLIPLoader, type flux) takes T5-XXL
 with a fixed config (4.7 B parameters, 9.5 GB in fp16, 4.9 GB in fp8); no smaller T5 is accepted for Flux.
 The end-to-end run swaps the workflow's DualCLIPLoader (clip_l + t5xxl, flux) for ComfyUI's CLIPLoader with
 the same clip_l file as type sd3, which ComfyUI accepts and which gives Flux what it reads: 4096-wide token
 embeddings (CLIP-L's, zero-padded) and CLIP-L's pooled vector first in the pooled output. Everything else in
-the workflow runs as shipped.
+the workflow runs as shipped. Z-Image's text encoder (CLIPLoader, type lumina2) is Qwen3-4B with a fixed config (36
+layers, 2560 wide: 4 B parameters, 8 GB in bf16; every 2560-wide encoder ComfyUI knows is as large): the Z-Image
+run swaps that one loader for CLIPLoader with the same clip_l file, type stable_diffusion (768-wide token
+embeddings), which is why the stand-in Z-Image reads 768-wide text (`cap_feat_dim`, read from the file).
 
     python tests/e2e_family_assets.py     # build the cache
 """
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
 CACHE = TESTS / ".cache" / "e2e_families"
-ASSET_VERSION = 1
+ASSET_VERSION = 3
 SEED = 20251012
 
 SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
@@ -41,6 +49,8 @@ FLUX_CONTROLNET = "flux-canny-controlnet-v3.safetensors"
 FLUX_VAE = "ae.safetensors"
 CLIP_L = "clip_l.safetensors"
 T5XXL = "t5xxl_fp16.safetensors"  # named by the Flux workflow; not built (see above)
+ZIMAGE_UNET = "z_image_turbo_bf16.safetensors"
+QWEN3_4B = "qwen_3_4b.safetensors"  # named by the Z-Image workflow; not built (see above)
 
 # every model file the SDXL and Flux workflows name -> its model folder (merged into tests/e2e_assets.py's
 # stand-in mapping where one exists); T5XXL has no stand-in: the Flux run swaps its loader
@@ -51,6 +61,7 @@ STAND_INS = {
     FLUX_CONTROLNET: "controlnet",
     FLUX_VAE: "vae",
     CLIP_L: "text_encoders",
+    ZIMAGE_UNET: "diffusion_models",
 }
 
 SDXL_UNET = {
@@ -64,6 +75,14 @@ FLUX_CONFIG = {
     "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096,
     "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 1, "depth_single_blocks": 0,
     "axes_dim": [16, 56, 56], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
+    "txt_ids_dims": [],  # ComfyUI 0.33's FluxParams field (detection sets [] for Flux)
+}
+# Z-Image as model_detection sets it for a 3840-wide file; one main block; 768-wide text (CLIP-L's)
+ZIMAGE_CONFIG = {
+    "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 3840, "cap_feat_dim": 768, "n_layers": 1,
+    "qk_norm": True, "n_heads": 30, "n_kv_heads": 30, "axes_dims": [32, 48, 48], "axes_lens": [1536, 512, 512],
+    "rope_theta": 256.0, "ffn_dim_multiplier": 8.0 / 3.0, "z_image_modulation": True, "time_scale": 1000.0,
+    "pad_tokens_multiple": 32,
 }
 SD_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
           "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
@@ -133,7 +152,11 @@ def build(root: Path, host: Path) -> None:
         _init_weights(clip, SEED + 1)
         vae = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=dict(SD_VAE), embed_dim=4)
         _init_weights(vae, SEED + 2)
-        save(model.state_dict_for_saving(clip.state_dict(), vae.state_dict()), SDXL_CHECKPOINT)
+        # 0.33 takes the UNet's state dict as the first argument (0.3.64 read it from the model itself)
+        unet = (model.diffusion_model.state_dict(),) if "unet_state_dict" in inspect.signature(
+            model.state_dict_for_saving).parameters else ()
+        save(model.state_dict_for_saving(*unet, clip_state_dict=clip.state_dict(), vae_state_dict=vae.state_dict()),
+             SDXL_CHECKPOINT)
         del model, clip, vae
 
         unet = {k: v for k, v in SDXL_UNET.items()
@@ -148,14 +171,14 @@ def build(root: Path, host: Path) -> None:
         flux.set_inference_dtype(torch.float32, None)
         model = flux.get_model({}, device="cpu")
         _init_weights(model.diffusion_model, SEED + 4)
-        save(model.diffusion_model.state_dict(), FLUX_UNET)
+        save(published_flux_layout(model.diffusion_model.state_dict()), FLUX_UNET)
         del model
 
         config = {k: v for k, v in FLUX_CONFIG.items() if k != "image_model"}
         control = comfy.ldm.flux.controlnet.ControlNetFlux(mistoline=False, operations=ops, device="cpu",
                                                            dtype=torch.float32, **config)
         _init_weights(control, SEED + 5)
-        save(control.state_dict(), FLUX_CONTROLNET)
+        save(published_flux_layout(control.state_dict()), FLUX_CONTROLNET)
         del control
 
         vae = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=dict(SD_VAE, z_channels=16), embed_dim=16)
@@ -166,8 +189,27 @@ def build(root: Path, host: Path) -> None:
         clip_l = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)
         _init_weights(clip_l, SEED + 7)
         save(clip_l.transformer.state_dict(), CLIP_L)
+        del clip_l
+
+        # Z-Image: diffusion model (UNETLoader's layout), bf16 as published
+        zimage = comfy.supported_models.ZImage(dict(ZIMAGE_CONFIG))
+        zimage.set_inference_dtype(torch.float32, None)
+        model = zimage.get_model({}, device="cpu")
+        _init_weights(model.diffusion_model, SEED + 8)
+        path = assets.path(ZIMAGE_UNET)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        comfy.utils.save_torch_file({k: v.to(torch.bfloat16) for k, v in model.diffusion_model.state_dict().items()},
+                                    str(path))
+        del model
 
     write_manifest(assets.manifest, ASSET_VERSION, host, assets.files())
+
+
+def published_flux_layout(sd: dict) -> dict:
+    """Flux's attention norms under the names the published files use (`*_norm.scale`; ComfyUI 0.33's modules name
+    them `weight` and its loaders rename them back); the XLabs ControlNet loader is detected by that name."""
+    return {(k[:-len("weight")] + "scale" if k.endswith(("query_norm.weight", "key_norm.weight")) else k): v
+            for k, v in sd.items()}
 
 
 def main(argv=None) -> int:

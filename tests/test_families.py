@@ -1,6 +1,7 @@
 """Every model family through the same nodes, inside the real ComfyUI, on tiny seeded models
 (tests/tiny_families.py): SDXL eps and v-prediction, SD3.5, Flux and Qwen-Image, each with the ControlNets
-of its kind (and Flux Tools' concat conditioning).
+of its kind (and Flux Tools' concat conditioning); ComfyUI 0.33's Flux.2 [dev] and [klein], Z-Image, Qwen-Image
+Edit, Chroma and HiDream (Flux.2 [klein] and Qwen-Image Edit with a canvas-sized reference latent).
 
 Per family: one full-canvas window equals KSampler bit for bit; the hint (or concat latent) reaching each
 window's ControlNet is the window's crop of the canvas condition (hooks on the real modules); windows sit on
@@ -10,6 +11,7 @@ its loss, and lowers the windows' LPIPS to the anchor; a factor-graph loop has n
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -18,15 +20,43 @@ import torch
 from lpips_weights import reference_lpips
 
 CANVAS_PX = (64, 192)
-LATENT_HW = (8, 24)
-STARTS = [0, 4, 8, 12, 16]  # 64 px windows every 32 px, in latent cells
+WINDOW_PX, STRIDE_PX, WINDOWS = 64, 32, 5  # 64 px windows every 32 px
 
-# (family, control): every ControlNet kind of each family; "concat" is Flux Tools' concatenated condition latent
+
+def cell(family):
+    """Pixels per latent cell (Flux.2: 16)."""
+    return 16 if family.startswith("flux2") else 8
+
+
+def latent_hw(family, px=CANVAS_PX):
+    return px[0] // cell(family), px[1] // cell(family)
+
+
+def window_cells(family):
+    return WINDOW_PX // cell(family)
+
+
+def starts(family):
+    """The windows' first columns, in latent cells."""
+    return [k * STRIDE_PX // cell(family) for k in range(WINDOWS)]
+
+
+# (family, control): every ControlNet kind of each family; "concat" is Flux Tools' concatenated condition latent;
+# "none": the family has no ControlNet in ComfyUI 0.33; "reference": a canvas-sized reference latent (edit models)
 CASES = [("sdxl", "controlnet"), ("sdxl", "control_lora"), ("sdxl_v", "controlnet"), ("sd35", "sd35"),
-         ("flux", "instantx"), ("flux", "union"), ("flux", "xlabs"), ("flux", "concat"), ("qwen", "qwen")]
-CFG = {"sdxl": 5.0, "sdxl_v": 5.0, "sd35": 4.0, "flux": 1.0, "qwen": 2.5}
-DEFAULT_CONTROL = {"sdxl": "controlnet", "sdxl_v": "controlnet", "sd35": "sd35", "flux": "instantx", "qwen": "qwen"}
-PATCH = {"sdxl": 1, "sdxl_v": 1, "sd35": 2, "flux": 2, "qwen": 2}
+         ("flux", "instantx"), ("flux", "union"), ("flux", "xlabs"), ("flux", "concat"), ("qwen", "qwen"),
+         ("flux2", "none"), ("flux2_klein", "reference"), ("zimage", "none"), ("qwen_edit", "reference"),
+         ("qwen_edit", "qwen_fun"), ("chroma", "none"), ("hidream", "none")]
+CONTROL_CASES = [c for c in CASES if c[1] not in ("none", "reference")]
+# Flux, Flux.2 [dev] and Z-Image Turbo (guidance-distilled) sample at cfg 1
+CFG = {"sdxl": 5.0, "sdxl_v": 5.0, "sd35": 4.0, "flux": 1.0, "qwen": 2.5, "flux2": 1.0, "flux2_klein": 3.0,
+       "zimage": 1.0, "qwen_edit": 2.5, "chroma": 4.0, "hidream": 3.0}
+DEFAULT_CONTROL = {"sdxl": "controlnet", "sdxl_v": "controlnet", "sd35": "sd35", "flux": "instantx", "qwen": "qwen",
+                   "flux2": "none", "flux2_klein": "reference", "zimage": "none", "qwen_edit": "reference",
+                   "chroma": "none", "hidream": "none"}
+PATCH = {"sdxl": 1, "sdxl_v": 1, "sd35": 2, "flux": 2, "qwen": 2, "flux2": 1, "flux2_klein": 1, "zimage": 2,
+         "qwen_edit": 2, "chroma": 2, "hidream": 2}
+GUIDANCE = ("flux", "flux2")  # guidance-distilled: FluxGuidance sets the guidance the model embeds
 PIXEL_HINTS = ("controlnet", "control_lora", "xlabs")  # the rest encode the hint with the VAE
 
 
@@ -54,22 +84,23 @@ def f(comfy):
                                                            FactorGraphCollage, ControlSyncWindowedModel)
     f.image = tm.condition_image(*CANVAS_PX)
     f.plan = WindowPlanner.execute(192, 64, 64, 64, 32, "first", 0, "uniform").args[0]
-    f.full = WindowPlanner.execute(192, 64, 192, 64, 8, "first", 0, "uniform").args[0]
+    f.full = WindowPlanner.execute(192, 64, 192, 64, 64, "first", 0, "uniform").args[0]
     f.worlds = {}
     return f
 
 
 # --- the worlds ----------------------------------------------------------------------------------
 
-def to_dtype(world, dtype):
+def to_dtype(f, world, dtype):
     """Models, ControlNet, VAE and conditioning in `dtype` (float64 for the exact checks)."""
     base = world["model"].model
     base.to(dtype)
     base.diffusion_model.dtype = dtype
     base.manual_cast_dtype = None
     base.model_config.unet_config["dtype"] = dtype
+    f.tm.sample_in_model_dtype(world["model"], dtype)  # ComfyUI 0.33's sampler runs in float32 otherwise
     control = world["control"]
-    if getattr(control, "control_model", None) is not None:
+    if control is not None and getattr(control, "control_model", None) is not None:
         control.control_model.to(dtype)
         control.control_model.dtype = dtype
     world["vae"].first_stage_model.to(dtype)
@@ -81,6 +112,7 @@ def build(f, family, control="default", dtype=torch.float32, inference=True):
     or plain tensors for the reference loop (same seeds, same weights)."""
     import comfy_extras.nodes_controlnet as ncn
     import comfy_extras.nodes_flux as nflux
+    from comfy_extras.nodes_edit_model import ReferenceLatent
     from comfy_extras.nodes_ip2p import InstructPixToPixConditioning
     tf = f.tf
     control = DEFAULT_CONTROL[family] if control == "default" else control
@@ -91,17 +123,18 @@ def build(f, family, control="default", dtype=torch.float32, inference=True):
         world["vae"] = tf.vae(family)
         world["control"] = {"controlnet": tf.sdxl_controlnet, "control_lora": tf.sdxl_control_lora,
                             "sd35": tf.sd35_controlnet, "qwen": tf.qwen_controlnet, "concat": lambda: None,
+                            "none": lambda: None, "reference": lambda: None, "qwen_fun": tf.qwen_fun_controlnet,
                             "instantx": lambda: tf.flux_controlnet("instantx"), "union": lambda: tf.flux_controlnet("union"),
                             "xlabs": lambda: tf.flux_controlnet("xlabs")}[control]()
         if control == "union":
             world["control"] = ncn.SetUnionControlNetType().set_controlnet_type(world["control"],
                                                                                 "canny/lineart/anime_lineart/mlsd")[0]
         if dtype != torch.float32:
-            to_dtype(world, dtype)
+            to_dtype(f, world, dtype)
 
         def cast(cond):
             return [[t.to(dtype), {k: (v.to(dtype) if torch.is_tensor(v) else v) for k, v in d.items()}] for t, d in cond]
-        if family == "flux":  # cfg 1 with FluxGuidance; the negative is never evaluated at cfg 1
+        if family in GUIDANCE:  # cfg 1 with FluxGuidance; the negative is never evaluated at cfg 1
             pos = nflux.FluxGuidance.execute(cast(tf.text_cond(family, 10, guidance=None)), 3.5).args[0]
             neg = f.nodes.ConditioningZeroOut().zero_out(pos)[0]
         else:
@@ -110,12 +143,15 @@ def build(f, family, control="default", dtype=torch.float32, inference=True):
         image = f.image.to(dtype)
         if control == "concat":
             pos, neg, _ = InstructPixToPixConditioning.execute(pos, neg, image, world["vae"]).args
-        else:
+        elif control == "reference":  # the image being edited: its VAE latent, canvas-sized, on both prompts
+            world["reference"] = world["vae"].encode(image)
+            pos, neg = (ReferenceLatent.execute(c, {"samples": world["reference"]}).args[0] for c in (pos, neg))
+        elif control != "none":
             pos, neg = f.nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, world["control"], image, 1.0, 0.0,
                                                                           1.0, vae=world["vae"])
         world["pos"], world["neg"] = pos, neg
         channels = world["model"].model.latent_format.latent_channels
-        world["latent"] = {"samples": torch.zeros(1, channels, *LATENT_HW, dtype=dtype)}
+        world["latent"] = {"samples": torch.zeros(1, channels, *latent_hw(family), dtype=dtype)}
     return world
 
 
@@ -235,7 +271,7 @@ def _hooked_modules(w):
     return lambda m: m is w["control"].control_model
 
 
-@pytest.mark.parametrize("family,control", CASES)
+@pytest.mark.parametrize("family,control", CONTROL_CASES)
 def test_condition_reaching_each_window_is_its_crop_of_the_canvas_condition(f, family, control):
     """Hook on the real module: the hint each window's ControlNet gets is the window's crop of the canvas hint
     (pixels), or ComfyUI's VAE encoding of that pixel crop (ControlNets taking latents: each window is its own
@@ -253,13 +289,13 @@ def test_condition_reaching_each_window_is_its_crop_of_the_canvas_condition(f, f
         sample(f, w, steps=1, batch=1)
     finally:
         handle.remove()
-    assert len(hits) == len(STARTS)
+    assert len(hits) == WINDOWS
     vae, base = w["vae"], w["model"].model
     with torch.inference_mode():
         if control == "concat":
             canvas = base.process_latent_in(vae.encode(f.image))
         pixels = canvas_pixels(f, w["control"])
-        for start, hint in zip(STARTS, hits):
+        for start, hint in zip(starts(family), hits):
             if control == "concat":
                 expected = canvas[..., start:start + 8]
             elif control in PIXEL_HINTS:
@@ -273,19 +309,24 @@ def test_condition_reaching_each_window_is_its_crop_of_the_canvas_condition(f, f
 
 # --- patch grid and positions ------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", ["sdxl", "sd35", "flux", "qwen"])
+@pytest.mark.parametrize("family", ["sdxl", "sd35", "flux", "qwen", "flux2", "zimage", "chroma", "hidream"])
 def test_windows_sit_on_the_models_patch_grid(f, family):
-    """latent_geometry reads the model's patch size; window sizes, strides and overlaps are laid out in whole
-    patches, so every window's tokens are the canvas's tokens; a canvas off the patch grid is refused."""
+    """latent_geometry reads the model's VAE factor and patch size; window sizes, strides and overlaps are laid out
+    in whole patches, so every window's tokens are the canvas's tokens; a canvas off the patch grid is refused.
+    Flux.2 (16 px cells, patch 1): sizes that are not whole 16 px cells are refused."""
     model = world(f, family)["model"]
-    patch = PATCH[family]
-    assert f.bridge.latent_geometry(model) == (8, patch)
-    odd = f.Planner.execute(192, 64, 56, 64, 24, "first", 0, "uniform").args[0]  # 7-cell windows, 3-cell stride
-    loop = f.Collage.execute("cycle", 192, 64, 64, 64, 40, "horizontal", 0).args[0]  # 5-cell overlap
+    patch, px = PATCH[family], cell(family)
+    assert f.bridge.latent_geometry(model) == (px, patch)
+    odd = f.Planner.execute(192, 64, 7 * px, 64, 3 * px, "first", 0, "uniform").args[0]  # 7-cell windows, 3-cell stride
+    loop = f.Collage.execute("cycle", 192, 64, 64, 64, 5 * px if px == 8 else 48, "horizontal", 0).args[0]  # 5 or 3 cells
     for plan in (odd, loop):
-        layout = f.bridge.layout_for(plan, model, (1, 16) + LATENT_HW)
+        layout = f.bridge.layout_for(plan, model, (1, 16) + latent_hw(family))
         for region in layout.regions:
             assert all(v % patch == 0 for p in region.pieces for v in p.src + p.size), (family, region)
+    if px == 16:
+        with pytest.raises(ValueError, match="window_width = 56 px is not a multiple of this model's 16 px latent cell"):
+            f.bridge.layout_for(f.Planner.execute(192, 64, 56, 64, 24, "first", 0, "uniform").args[0], model, (1, 128, 4, 12))
+        return
     with pytest.raises(ValueError, match="patch") if patch > 1 else _no_error():
         f.bridge.layout_for(f.Planner.execute(200, 64, 64, 64, 32, "first", 0, "uniform").args[0], model, (1, 16, 8, 25))
 
@@ -299,7 +340,7 @@ class _no_error:
 
 
 def _recorded_ids(module, run):
-    """The position ids a RoPE embedder gets, per call (Flux and Qwen-Image: EmbedND(ids))."""
+    """The position ids a RoPE embedder gets, per call (EmbedND(ids); Z-Image calls it for the text and the image)."""
     calls = []
     handle = module.register_forward_hook(lambda m, args, out: calls.append(args[0].clone()))
     try:
@@ -309,21 +350,76 @@ def _recorded_ids(module, run):
     return calls
 
 
-@pytest.mark.parametrize("family", ["flux", "qwen"])
+@pytest.mark.parametrize("family", ["flux", "qwen", "flux2", "flux2_klein", "zimage", "chroma", "hidream"])
 def test_dit_windows_get_the_positions_of_an_image_of_their_own(f, family):
     """Every window is a model-sized image of its own (window-local RoPE positions), as MultiDiffusion does for
-    UNets: the image position ids each window's model call gets are exactly those of a plain KSampler run on a
+    UNets: the position ids each window's model call gets are exactly those of a plain KSampler run on a
     window-sized latent; the windows are not at canvas positions (the second window's ids equal the first's)."""
-    w = world(f, family)
-    embedder = w["model"].model.diffusion_model.pe_embedder
+    w = dict(world(f, family))
+    w["pos"], w["neg"] = w["pos_text"], w["neg_text"]  # the text only: the ids are those of the image and its prompt
+    net = w["model"].model.diffusion_model
+    embedder = getattr(net, "pe_embedder", None) or net.rope_embedder
     windowed = _recorded_ids(embedder, lambda: sample(f, w, steps=1, batch=1))
-    standalone_world = dict(w, latent={"samples": torch.zeros(1, w["latent"]["samples"].shape[1], 8, 8)},
-                            pos=w["pos_text"], neg=w["neg_text"])
+    size = window_cells(family)
+    standalone_world = dict(w, latent={"samples": torch.zeros(1, w["latent"]["samples"].shape[1], size, size)})
     alone = _recorded_ids(embedder, lambda: ksampler(f, standalone_world, steps=1))
-    tokens = 4 * 4  # an 8x8-cell window in 2x2 patches
-    assert len(windowed) == len(STARTS) and len(alone) == 1
-    for ids in windowed:
-        assert torch.equal(ids[:, -tokens:], alone[0][:1, -tokens:].expand(ids.shape[0], -1, -1))
+    assert len(alone) >= 1 and len(windowed) == WINDOWS * len(alone)
+    for k, ids in enumerate(windowed):
+        assert torch.equal(ids, alone[k % len(alone)]), (family, k)
+
+
+def test_model_patch_controlnets_are_refused_until_cropped_per_window(f):
+    """ComfyUI 0.33's Z-Image Fun ControlNet (ModelPatchLoader -> ZImageFunControlnet) holds its control image on
+    the MODEL and resizes it to each call's latent: every window would get the whole canvas' control. Refused at
+    the sampler and at Windowed Model with a message naming it; the same model without the patch samples."""
+    from comfy_extras.nodes_model_patch import ZImageFunControlnet
+    w = world(f, "zimage")
+    with torch.inference_mode():
+        patched = ZImageFunControlnet().diffsynth_controlnet(w["model"], f.tf.zimage_fun_controlnet(), w["vae"], f.image,
+                                                             1.0)[0]
+    message = r"model: a Z-Image Fun ControlNet is applied to this MODEL as a model patch \(ZImageControlPatch\).*not cropped"
+    with pytest.raises(ValueError, match=message):
+        sample(f, dict(w, model=patched), steps=1)
+    with pytest.raises(ValueError, match=message):
+        f.Windowed.execute(patched, f.plan, 0)
+    assert bool(torch.isfinite(sample(f, w, steps=1)).all())
+
+
+# --- reference latents (edit models): the image being edited, cropped per window -----------------------
+
+@pytest.mark.parametrize("family", ["qwen_edit", "flux2_klein"])
+def test_a_canvas_sized_reference_latent_reaches_each_window_as_its_crop(f, family):
+    """Hook on the real diffusion model: a reference latent of the canvas latent's size (ReferenceLatent with the
+    VAE latent of the image being edited) describes the canvas, so each window's call gets the window's crop of
+    it, as ComfyUI processes it (process_latent_in); a reference of any other size (a subject) reaches every
+    window whole."""
+    import comfy_extras.nodes_edit_model as edit
+    w = world(f, family, "reference")
+    net, base = w["model"].model.diffusion_model, w["model"].model
+    subject = torch.randn((1,) + tuple(w["reference"].shape[1:-2]) + (3, 5), generator=torch.Generator().manual_seed(3))
+
+    def references(pos, neg):
+        calls = []
+        handle = net.register_forward_hook(lambda m, a, kw, out: calls.append([r.clone() for r in kw["ref_latents"]]),
+                                           with_kwargs=True)
+        try:
+            sample(f, w, pos=pos, neg=neg, steps=1, batch=1)
+        finally:
+            handle.remove()
+        return calls
+
+    with torch.inference_mode():
+        canvas = base.process_latent_in(w["reference"])
+        with_subject = [edit.ReferenceLatent.execute(c, {"samples": subject}).args[0] for c in (w["pos"], w["neg"])]
+    calls = references(w["pos"], w["neg"])
+    assert len(calls) == WINDOWS
+    size = window_cells(family)
+    for start, refs in zip(starts(family), calls):
+        assert len(refs) == 1 and refs[0].shape[-2:] == (latent_hw(family)[0], size)
+        expected = canvas[..., start:start + size]
+        assert all(torch.equal(r, expected[0]) for r in refs[0]), (family, start)  # cond and uncond: the same crop
+    for refs in references(*with_subject):
+        assert torch.equal(refs[1], base.process_latent_in(subject).expand_as(refs[1]))  # whole, every window
 
 
 # --- AnchorSync in each parameterisation: the paper's algorithm, written out -------------------------
@@ -346,7 +442,8 @@ def keep_saved_activations():
 class Reference:
     """SyncDiffusion's Algorithm 1 on a family's ComfyUI model objects, with no pack code: every window is
     its own image denoised by ComfyUI's own cond processing and CFG (its ControlNet fed the window's crop of
-    the condition, SDXL's size conditioning that of a crop of the canvas), the anchor decoded without
+    the condition, an edit model's reference latent the window's crop of the image being edited, SDXL's size
+    conditioning that of a crop of the canvas), the anchor decoded without
     gradient, every other window moved by one step of its LPIPS gradient in the model's parameterisation,
     each window's Euler step taken from its moved latent and the windows averaged."""
 
@@ -365,15 +462,20 @@ class Reference:
         import comfy.samplers
         if k in self.conds:
             return self.conds[k]
-        w, start = self.w, STARTS[k]
+        from comfy_extras.nodes_edit_model import ReferenceLatent
+        w, start, size = self.w, starts(self.w["family"])[k], window_cells(self.w["family"])
         pos, neg = w["pos_text"], w["neg_text"]
         if w["family"] in ("sdxl", "sdxl_v"):  # a crop of the canvas: canvas size, crop offset, window size
-            size = {"width": CANVAS_PX[1], "height": CANVAS_PX[0], "crop_w": start * 8, "crop_h": 0,
-                    "target_width": 64, "target_height": 64}
-            pos, neg = ([[t, dict(d, **size)] for t, d in c] for c in (pos, neg))
-        crop = canvas_pixels(self.f, w["control"])[..., start * 8:(start + 8) * 8].movedim(1, -1).to(self.dtype)
-        pos, neg = self.f.nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, w["control"], crop, 1.0, 0.0, 1.0,
-                                                                           vae=w["vae"])
+            size_cond = {"width": CANVAS_PX[1], "height": CANVAS_PX[0], "crop_w": start * 8, "crop_h": 0,
+                         "target_width": 64, "target_height": 64}
+            pos, neg = ([[t, dict(d, **size_cond)] for t, d in c] for c in (pos, neg))
+        if w["kind"] == "reference":  # the window's own part of the image being edited
+            crop = {"samples": w["reference"][..., start:start + size]}
+            pos, neg = (ReferenceLatent.execute(c, crop).args[0] for c in (pos, neg))
+        elif w["kind"] != "none":
+            crop = canvas_pixels(self.f, w["control"])[..., start * 8:(start + 8) * 8].movedim(1, -1).to(self.dtype)
+            pos, neg = self.f.nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, w["control"], crop, 1.0, 0.0,
+                                                                               1.0, vae=w["vae"])
         noise = torch.zeros(self.window_shape(), dtype=self.dtype)
         conds = {"positive": comfy.sampler_helpers.convert_cond(pos), "negative": comfy.sampler_helpers.convert_cond(neg)}
         self.conds[k] = comfy.samplers.process_conds(self.model, noise, conds, "cpu", latent_image=noise, seed=5)
@@ -381,7 +483,7 @@ class Reference:
 
     def window_shape(self):
         shape = list(self.w["latent"]["samples"].shape)
-        shape[-1] = 8
+        shape[-1] = window_cells(self.w["family"])
         if self.model.latent_format.latent_dimensions == 3:
             shape.insert(2, 1)
         return shape
@@ -416,7 +518,8 @@ class Reference:
         x = sampling.noise_scaling(sigmas[0], noise, latent, max_denoise=max_denoise).to(self.dtype)
         for i in range(steps):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
-            windows = [x[..., s:s + 8].clone() for s in STARTS]
+            size, first = window_cells(self.w["family"]), starts(self.w["family"])
+            windows = [x[..., s:s + size].to(self.dtype) for s in first]
             w_t = schedule.weight_at(i, steps)
             moved = list(windows)
             if w_t > 0:
@@ -434,11 +537,27 @@ class Reference:
                 # Euler (DDIM for eps and v; the flow's Euler step for flow models); the step size
                 # sigma_next - sigma is taken in float32, as k-diffusion takes it from the schedule
                 stepped = xk + (xk - d) / sigma * (sigma_next - sigma)
-                total[..., STARTS[k]:STARTS[k] + 8] += stepped
-                count[..., STARTS[k]:STARTS[k] + 8] += 1
+                total[..., first[k]:first[k] + size] += stepped
+                count[..., first[k]:first[k] + size] += 1
             x = total / count
         # ComfyUI hands the sampled latent back in float32
         return self.model.process_latent_out(sampling.inverse_noise_scaling(sigmas[-1], x).to(torch.float32))
+
+
+@contextlib.contextmanager
+def plain_torch_kernels():
+    """ComfyUI 0.33 runs RoPE through comfy-kitchen kernels that take float16/bfloat16/float32 only and have no
+    backward; `in_training` (what its own training node sets) selects the plain torch code, which runs in
+    float64 and which autograd can differentiate (the pack sets it for its gradient passes)."""
+    import comfy.model_management as mm
+    before = getattr(mm, "in_training", None)
+    if before is not None:
+        mm.in_training = True
+    try:
+        yield
+    finally:
+        if before is not None:
+            mm.in_training = before
 
 
 def world64(f, family):
@@ -448,8 +567,10 @@ def world64(f, family):
     return f.worlds[key]
 
 
-# eps, v-prediction and flow (SD3.5: shift 3; Flux: cfg 1 with guidance; Qwen-Image: one-frame latents, Wan VAE)
-SYNC_FAMILIES = ["sdxl", "sdxl_v", "sd35", "flux", "qwen"]
+# eps, v-prediction and flow (SD3.5: shift 3; Flux: cfg 1 with guidance; Qwen-Image: one-frame latents, Wan VAE;
+# Flux.2: 128-channel latents at 1/16; Qwen-Image Edit and Flux.2 [klein]: a reference latent cropped per window)
+SYNC_FAMILIES = ["sdxl", "sdxl_v", "sd35", "flux", "qwen", "flux2", "flux2_klein", "zimage", "qwen_edit", "chroma",
+                 "hidream"]
 
 
 @pytest.mark.parametrize("family", SYNC_FAMILIES)
@@ -457,13 +578,14 @@ def test_synced_run_equals_the_papers_algorithm_in_the_models_parameterisation(f
     from controlsync.sampling.sync import SyncSchedule
     ours_world, plain = world64(f, family)
     schedule = SyncSchedule(100.0, 0.95, 50)  # w 100: a clear pull on the tiny random models
-    ref = Reference(f, plain).sample(2, schedule)
-    ours = sample(f, ours_world, sync=sync_settings(f, ours_world, weight=100.0), batch=1, steps=2)
-    unsynced = sample(f, ours_world, batch=1, steps=2)
+    with plain_torch_kernels():
+        ref = Reference(f, plain).sample(2, schedule)
+        ours = sample(f, ours_world, sync=sync_settings(f, ours_world, weight=100.0), batch=1, steps=2)
+        unsynced = sample(f, ours_world, batch=1, steps=2)
     error = (ours - ref).abs().max().item()
     moved = (ours - unsynced).abs().max().item()
-    print(f"[families] sync {family} (float64, returned in float32; euler/simple, 2 steps): max |pack - paper's loop| = {error:.2e} "
-          f"(relative {error / ref.abs().max().item():.1e}); sync moved the result by {moved:.3e}")
+    print(f"[families] sync {family} (float64, returned in float32; euler/simple, 2 steps): max |pack - paper's loop| = "
+          f"{error:.2e} (relative {error / ref.abs().max().item():.1e}); sync moved the result by {moved:.3e}")
     # float64 throughout; ComfyUI returns the latent in float32: equal up to that last rounding
     ulp = 2 ** -23 * ref.abs().max().item()
     assert error <= ulp
@@ -489,16 +611,29 @@ def test_sync_gradient_matches_finite_differences_in_float64(f, family):
     weight, recorder = 0.5, Recorder()
     windowed = f.bridge.windowed_model(ours["model"], f.plan, 1, sync_settings(f, ours, weight=weight, decay=1.0))
     windowed.add_wrapper_with_key(f.pe.WrappersMP.CALC_COND_BATCH, "test.recorder", recorder)
-    with torch.inference_mode():
+    with torch.inference_mode(), plain_torch_kernels():
         f.nodes.common_ksampler(windowed, 5, 1, ours["cfg"], "euler", "simple", ours["pos"], ours["neg"], ours["latent"])
     calls = recorder.calls
     graded = [i for i, c in enumerate(calls) if c[1]]
-    assert not calls[0][1] and len(graded) == len(STARTS) - 1  # anchor without graph, every other window with one
+    assert not calls[0][1] and len(graded) == WINDOWS - 1  # anchor without graph, every other window with one
     # the denoising pass reuses the anchor's recorded prediction: it evaluates windows 1.. at their moved latents
-    assert len(calls) == 1 + 2 * (len(STARTS) - 1)
+    assert len(calls) == 1 + 2 * (WINDOWS - 1)
     moved = [None] + [c[0] for c in calls[graded[-1] + 1:]]
     sigma = torch.tensor(calls[0][2], dtype=torch.float64)
     ref = Reference(f, plain)
+    with plain_torch_kernels():
+        worst, exact = _gradient_errors(ref, calls, graded, moved, sigma, weight, family)
+    print(f"[families] sync {family}: the pack's gradient vs autograd of the loss written here: relative {exact:.1e}; "
+          f"vs central differences (eps 1e-3; the gradient's direction and 2 random ones): worst error {worst:.1e} "
+          f"of |grad| (sigma {float(sigma):.4g}, step scale {paper_step_scale(family, sigma):.4g})")
+    assert exact < 1e-10  # the same gradient as autograd through the loss written out here
+    # float64 end to end except that ComfyUI's BaseModel hands the network's output back in float32 (`.float()`
+    # in _apply_model): the loss carries float32 rounding, which central differences divide by eps
+    assert worst < 5e-3
+
+
+def _gradient_errors(ref, calls, graded, moved, sigma, weight, family):
+    """(worst central-difference error, read-back vs autograd error) of the pack's update of window 2."""
     with torch.no_grad():
         anchor_image = ref.image(ref.denoise(calls[0][0], sigma, 0))
     window = 2
@@ -509,7 +644,6 @@ def test_sync_gradient_matches_finite_differences_in_float64(f, family):
     with torch.enable_grad():
         (grad_ref,) = torch.autograd.grad(ref.loss(xg, sigma, window, anchor_image), xg)
     exact = ((grad_pack - grad_ref).abs().max() / grad_ref.abs().max()).item()
-    assert exact < 1e-10  # the same gradient as autograd through the loss written out here
     # directions: the gradient's own and two random ones, unit length; the error is relative to the gradient's
     # norm (the largest directional derivative), so directions where the derivative is near 0 stay well-posed
     g, eps, worst = torch.Generator().manual_seed(0), 1e-3, 0.0
@@ -519,15 +653,10 @@ def test_sync_gradient_matches_finite_differences_in_float64(f, family):
         with torch.no_grad():
             fd = (ref.loss(x + eps * v, sigma, window, anchor_image) - ref.loss(x - eps * v, sigma, window, anchor_image)) / (2 * eps)
         worst = max(worst, abs(float(fd) - float((grad_pack * v).sum())) / float(norm))
-    print(f"[families] sync {family}: the pack's gradient vs autograd of the loss written here: relative {exact:.1e}; "
-          f"vs central differences (eps 1e-3; the gradient's direction and 2 random ones): worst error {worst:.1e} "
-          f"of |grad| (sigma {float(sigma):.4g}, step scale {paper_step_scale(family, sigma):.4g})")
-    # float64 end to end except that ComfyUI's BaseModel hands the network's output back in float32 (`.float()`
-    # in _apply_model): the loss carries float32 rounding, which central differences divide by eps
-    assert worst < 5e-3
+    return worst, exact
 
 
-FAMILIES = ["sdxl", "sdxl_v", "sd35", "flux", "qwen"]
+FAMILIES = SYNC_FAMILIES
 
 
 def window_lpips_to_anchor(f, w, latent):
@@ -535,7 +664,7 @@ def window_lpips_to_anchor(f, w, latent):
     with torch.inference_mode():
         images = w["vae"].decode(latent)
         images = images.reshape(-1, *images.shape[-3:]).movedim(-1, 1) * 2 - 1  # video VAEs: (batch, frames, ...)
-        crops = [images[..., s * 8:(s + 8) * 8] for s in STARTS]
+        crops = [images[..., s * STRIDE_PX:s * STRIDE_PX + WINDOW_PX] for s in range(WINDOWS)]
         return [float(loss(c, crops[0])) for c in crops[1:]]
 
 
@@ -562,25 +691,34 @@ class RolledNoise:
 
 
 @pytest.mark.parametrize("family,control", [("sdxl", "controlnet"), ("sd35", "sd35"), ("flux", "instantx"),
-                                            ("flux", "concat"), ("qwen", "qwen")])
+                                            ("flux", "concat"), ("qwen", "qwen"), ("flux2", "none"),
+                                            ("flux2_klein", "reference"), ("zimage", "none"), ("qwen_edit", "reference"),
+                                            ("chroma", "none"), ("hidream", "none")])
 def test_factor_graph_loop_has_no_seam(f, family, control):
     """A cycle treats its wrap like any other overlap: rolling the noise and the condition by one factor step
-    rolls the result (so no place, the wrap included, is special). Flux Tools' condition latent is encoded once
-    for the canvas, so it is the latent that is rolled (a rolled image would be encoded with its border elsewhere)."""
+    rolls the result (so no place, the wrap included, is special). Flux Tools' condition latent and an edit
+    model's reference latent are encoded once for the canvas, so it is the latent that is rolled (a rolled image
+    would be encoded with its border elsewhere)."""
     import node_helpers
     import comfy_extras.nodes_custom_sampler as cs
+    from comfy_extras.nodes_edit_model import ReferenceLatent
     from comfy_extras.nodes_ip2p import InstructPixToPixConditioning
     w = world(f, family, control)
     plan = f.Collage.execute("cycle", 192, 64, 64, 64, 32, "horizontal", 0).args[0]
-    step = 4  # cells: window 8 - overlap 4
+    step = 32 // cell(family)  # cells: window - overlap
     results = []
     for shift in (0, step):
-        image = f.image.roll(shift * 8, dims=2)
+        image = f.image.roll(shift * cell(family), dims=2)
         with torch.inference_mode():
             if control == "concat":
                 pos, neg, _ = InstructPixToPixConditioning.execute(w["pos_text"], w["neg_text"], f.image, w["vae"]).args
                 rolled = pos[0][1]["concat_latent_image"].roll(shift, dims=-1)
                 pos, neg = (node_helpers.conditioning_set_values(c, {"concat_latent_image": rolled}) for c in (pos, neg))
+            elif control == "reference":
+                rolled = {"samples": w["reference"].roll(shift, dims=-1)}
+                pos, neg = (ReferenceLatent.execute(c, rolled).args[0] for c in (w["pos_text"], w["neg_text"]))
+            elif control == "none":
+                pos, neg = w["pos_text"], w["neg_text"]
             else:
                 pos, neg = f.nodes.ControlNetApplyAdvanced().apply_controlnet(w["pos_text"], w["neg_text"], w["control"],
                                                                               image, 1.0, 0.0, 1.0, vae=w["vae"])
@@ -631,7 +769,7 @@ def test_sdxl_windows_are_conditioned_as_crops_of_the_canvas(f):
             handle.remove()
         return [y[-1] for y in calls]  # cond and uncond batch as [uncond, cond]: the positive is last
 
-    for got, start in zip(ys(f.plan), STARTS):
+    for got, start in zip(ys(f.plan), starts("sdxl")):
         assert torch.allclose(got.double(), sdxl_size_vector(pooled, 64, 192, 0, start * 8, 64, 64), atol=1e-4)  # float32 sin/cos in ComfyUI
     loop = f.Collage.execute("cycle", 192, 64, 64, 64, 32, "horizontal", 0).args[0]
     layout = f.bridge.layout_for(loop, w["model"], w["latent"]["samples"].shape)
@@ -647,7 +785,7 @@ def test_sdxl_windows_are_conditioned_as_crops_of_the_canvas(f):
     # the window's offset added to the crop
     pos = node_helpers.conditioning_set_values(w["pos"], {"width": 4096, "height": 2048, "crop_w": 16, "crop_h": 8,
                                                           "target_width": 1024, "target_height": 1024})
-    for got, start in zip(ys(f.plan, pos), STARTS):
+    for got, start in zip(ys(f.plan, pos), starts("sdxl")):
         assert torch.allclose(got.double(), sdxl_size_vector(pooled, 2048, 4096, 8, 16 + start * 8, 1024, 1024), atol=1e-3)  # arguments up to 4096
 
 
@@ -661,23 +799,32 @@ def factor_entries(f, family, lengths):
     return out
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd35", "flux", "qwen"])
+def model_text(family, text):
+    """The text embedding as the family's model takes a prompt: Flux.2 pads every prompt to 512 tokens on the left
+    (model_base.Flux2.extra_conds)."""
+    if family.startswith("flux2"):
+        return torch.nn.functional.pad(text, (0, 0, 512 - text.shape[-2], 0))
+    return text
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd35", "flux", "qwen", "flux2", "flux2_klein", "zimage", "chroma"])
 def test_per_factor_prompts_reach_their_factors_with_their_pooled_embeddings(f, family):
-    """Hook on the real diffusion model: each factor is denoised with its own text embedding and, where the
-    family has one (SDXL: CLIP-G in `y`; SD3: CLIP-L + CLIP-G; Flux: CLIP-L), its own pooled embedding; each
-    overlap with the mean of its factors' (variable_prompts 'mean')."""
+    """Hook on the real diffusion model: each factor is denoised with its own text embedding (as the model takes a
+    prompt) and, where the family has one (SDXL: CLIP-G in `y`; SD3: CLIP-L + CLIP-G; Flux: CLIP-L), its own
+    pooled embedding; each overlap with the mean of its factors' (variable_prompts 'mean')."""
     w = world(f, family)
     entries = factor_entries(f, family, [12, 12, 12])
     plan = f.Collage.execute("chain", 128, 64, 64, 64, 32, "horizontal", 0, prompt_mode="per factor",
                              factor_conditioning=entries).args[0]
-    layout = f.bridge.layout_for(plan, w["model"], (1, 16, 8, 16))
+    hw = latent_hw(family, (64, 128))
+    layout = f.bridge.layout_for(plan, w["model"], (1, 16) + hw)
     net, calls = w["model"].model.diffusion_model, []
     handle = net.register_forward_hook(lambda m, a, kw, out: calls.append((kw["context"][-1].clone(),
                                                                             kw.get("y", torch.zeros(1, 1))[-1].clone())),
                                        with_kwargs=True)
     channels = w["latent"]["samples"].shape[1]
     try:
-        sample(f, dict(w, latent={"samples": torch.zeros(1, channels, 8, 16)}), plan=plan, pos=w["pos_text"],
+        sample(f, dict(w, latent={"samples": torch.zeros(1, channels, *hw)}), plan=plan, pos=w["pos_text"],
                neg=w["neg_text"], steps=1, batch=1)
     finally:
         handle.remove()
@@ -686,13 +833,24 @@ def test_per_factor_prompts_reach_their_factors_with_their_pooled_embeddings(f, 
     order = [i for size in sizes for i, r in enumerate(layout.regions) if r.size == size]
     for (context, y), i in zip(calls, order):
         sources = layout.factors_of[i]
-        text = torch.stack([entries[s][0][0] for s in sources]).mean(0)
-        assert torch.allclose(context, text, atol=1e-6), (family, i)
+        text = model_text(family, torch.stack([entries[s][0] for s in sources]).mean(0))[0]
+        assert context.shape == text.shape and torch.allclose(context, text, atol=1e-6), (family, i)
         pooled = entries[0][1].get("pooled_output")
         if pooled is not None:
             expected = torch.stack([entries[s][1]["pooled_output"][0] for s in sources]).mean(0)
             assert torch.allclose(y[:expected.shape[-1]], expected, atol=1e-6), (family, i)
             assert not torch.allclose(y[:expected.shape[-1]], w["pos_text"][0][1]["pooled_output"][0])
+
+
+def test_per_factor_prompts_are_refused_where_the_prompt_carries_more_than_a_plan_holds(f):
+    """HiDream's prompt also carries Llama-3 hidden states per block: a plan holds a text embedding and a pooled
+    vector per factor, so per-factor prompts on HiDream are refused at the sampler, naming the setting."""
+    w = world(f, "hidream")
+    plan = f.Collage.execute("chain", 128, 64, 64, 64, 32, "horizontal", 0, prompt_mode="per factor",
+                             factor_conditioning=factor_entries(f, "hidream", [12, 12, 12])).args[0]
+    with pytest.raises(ValueError, match=r"plan: per-factor prompts .* \(HiDream\) also carries Llama-3 hidden states"
+                                         r".* prompt_mode 'one for all'"):
+        sample(f, dict(w, latent={"samples": torch.zeros(1, 16, 8, 16)}), plan=plan, steps=1, batch=1)
 
 
 def test_text_encoders_without_77_token_chunks_interpolate_only_prompts_of_equal_length(f):
@@ -730,13 +888,16 @@ def test_fast_sync_modes_run_in_every_family(f, family):
         fast_settings = f.Sync.execute(w["vae"], 200.0, 0.95, 50, "alex", "skip model Jacobian", "half").args[0]
     fast = sample(f, w, sync=fast_settings, steps=2)
     assert bool(torch.isfinite(fast).all())
+    import comfy.model_management
+    assert getattr(comfy.model_management, "in_training", False) is False  # set for the gradient passes only
     assert not torch.equal(fast, unsynced) and not torch.equal(fast, exact) and not torch.equal(exact, unsynced)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cubemap_samples_and_decodes_in_every_family(f, family):
     """A 360 cubemap (three 4-face loops, windows across cube edges turned) with the family's ControlNet crops,
-    decoded face by face inside its cube neighbours."""
+    decoded face by face inside its cube neighbours (edit models: text only, the reference describes another
+    canvas)."""
     from controlsync.nodes.equirect_to_cubemap import EquirectToCubemap
     from controlsync.nodes.loop_decode import LoopDecode
     w = world(f, family)
@@ -744,9 +905,15 @@ def test_cubemap_samples_and_decodes_in_every_family(f, family):
     plan = f.Collage.execute("cubemap", 64, 64, 64, 64, 32, "horizontal", 0, image=strip).args[0]
     channels = w["latent"]["samples"].shape[1]
     with torch.inference_mode():
-        pos, neg = (w["pos"], w["neg"]) if w["kind"] == "concat" else f.nodes.ControlNetApplyAdvanced().apply_controlnet(
-            w["pos_text"], w["neg_text"], w["control"], strip, 1.0, 0.0, 1.0, vae=w["vae"])
-    out = sample(f, dict(w, latent={"samples": torch.zeros(1, channels, 8, 48)}), plan=plan, pos=pos, neg=neg, steps=1)
+        if w["kind"] == "concat":
+            pos, neg = w["pos"], w["neg"]
+        elif w["kind"] in ("none", "reference"):
+            pos, neg = w["pos_text"], w["neg_text"]
+        else:
+            pos, neg = f.nodes.ControlNetApplyAdvanced().apply_controlnet(w["pos_text"], w["neg_text"], w["control"],
+                                                                          strip, 1.0, 0.0, 1.0, vae=w["vae"])
+    latent = {"samples": torch.zeros(1, channels, *latent_hw(family, (64, 384)))}
+    out = sample(f, dict(w, latent=latent), plan=plan, pos=pos, neg=neg, steps=1)
     with torch.inference_mode():
         cube = LoopDecode.execute({"samples": out}, w["vae"], 4, "cubemap").args[0]
     assert cube.shape == (1, 64, 384, 3) and bool(torch.isfinite(cube).all())

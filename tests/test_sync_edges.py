@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_samplers_sync import CFG, LATENT, SEED, STARTS, run, small, state_recorder  # noqa: F401  (fixtures)
+from test_samplers_sync import CFG, LATENT, SEED, STARTS, run, small  # noqa: F401  (small: a fixture)
 from test_sync import s, sync_settings  # noqa: F401  (s: the shared fixture)
 
 

@@ -20,7 +20,9 @@ from e2e_family_assets import STAND_INS as FAMILY_STAND_INS
 ALL_STAND_INS = {**STAND_INS, **FAMILY_STAND_INS}
 # files no stand-in can replace here, and why
 NO_STAND_IN = {"t5xxl_fp16.safetensors": "ComfyUI builds Flux's T5-XXL with a fixed 4.7 B-parameter config (9.5 GB): "
-                                         "the Flux end-to-end run swaps its DualCLIPLoader for CLIPLoader (clip_l)"}
+                                         "the Flux end-to-end run swaps its DualCLIPLoader for CLIPLoader (clip_l)",
+               "qwen_3_4b.safetensors": "ComfyUI builds Z-Image's Qwen3-4B with a fixed 4 B-parameter config (8 GB): the "
+                                        "Z-Image end-to-end run gives its CLIPLoader clip_l"}
 # files ComfyUI's templates do not name: their publishers' own repositories
 PUBLISHERS = {
     "controlnet-canny-sdxl-1.0.safetensors":

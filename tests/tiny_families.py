@@ -10,7 +10,10 @@ under a second):
 * Flux (double- and single-stream blocks, RoPE positions, guidance embedding) with the InstantX, union and
   XLabs ControlNets, and Flux Tools' concat conditioning (a model with 32 input channels, the condition
   latent concatenated as `concat_latent_image`).
-* Qwen-Image (5-D latents with one frame) with the InstantX ControlNet.
+* Qwen-Image (5-D latents with one frame) with the InstantX ControlNet, and Qwen-Image Edit with the Fun
+  ControlNet (ComfyUI's loader reads its size from the weights).
+* ComfyUI 0.33's Flux.2 [dev] and [klein] (128-channel latents at 1/16 with Flux.2's VAE), Z-Image (Lumina 2's
+  NextDiT with Z-Image's settings) and its Fun ControlNet (a model patch), Chroma and HiDream.
 
 ComfyUI's loaders for the Flux and Qwen-Image ControlNets detect the model size from fixed numbers
 (`model_detection` sets hidden size 3072 whatever the file holds), so no small file can go through them.
@@ -20,7 +23,7 @@ on a tiny config; `loader_kind` lets the tests compare them with what the real l
 dict holding the detection keys (the loader runs; its full-size weights are left uninitialised and unused).
 
 VAEs: the SD layout (4 channels, SDXL), the same with 16 channels (SD3, Flux), and a tiny Wan 2.1 VAE
-(Qwen-Image) inside ComfyUI's `comfy.sd.VAE`.
+(Qwen-Image) loaded by ComfyUI's `comfy.sd.VAE` from its state dict (0.33 reads the width from the file).
 """
 from __future__ import annotations
 
@@ -42,11 +45,16 @@ from tiny_models import SDXL_UNET, _init_weights
 CPU = torch.device("cpu")
 OPS = comfy.ops.disable_weight_init
 
-FAMILIES = ("sdxl", "sdxl_v", "sd35", "flux", "qwen")
+FAMILIES = ("sdxl", "sdxl_v", "sd35", "flux", "qwen", "flux2", "flux2_klein", "zimage", "qwen_edit", "chroma", "hidream")
 
 # text conditioning widths the tiny models are built for
-CONTEXT = {"sdxl": 64, "sdxl_v": 64, "sd35": 64, "flux": 64, "qwen": 64}
-POOLED = {"sdxl": 1280, "sdxl_v": 1280, "sd35": 2048, "flux": 32, "qwen": None}
+CONTEXT = {"sdxl": 64, "sdxl_v": 64, "sd35": 64, "flux": 64, "qwen": 64, "flux2": 64, "flux2_klein": 96, "zimage": 64,
+           "qwen_edit": 64, "chroma": 64, "hidream": 64}
+POOLED = {"sdxl": 1280, "sdxl_v": 1280, "sd35": 2048, "flux": 32, "qwen": None, "flux2": None, "flux2_klein": None,
+          "zimage": None, "qwen_edit": None, "chroma": None, "hidream": 32}
+# pixels per latent cell: Flux.2's VAE latent is 2x2-patchified (128 channels at 1/16)
+CELL_PX = {"flux2": 16, "flux2_klein": 16}
+HIDREAM_LLAMA_LAYERS = 2  # Llama-3 hidden-state layers the tiny HiDream reads (its llama_layers)
 
 SD35_DEPTH = 2  # MMDiT: hidden size 64 * depth, heads = depth
 SD35_UNET = {
@@ -60,11 +68,50 @@ FLUX_UNET = {
     "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 64,
     "hidden_size": 48, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
     "axes_dim": [4, 10, 10], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
+    "txt_ids_dims": [],  # 0.33: which text-id axes carry positions (detection sets [] for Flux)
 }
 
 QWEN_UNET = {
     "image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 1,
     "attention_head_dim": 24, "num_attention_heads": 2, "joint_attention_dim": 64, "axes_dims_rope": (4, 10, 10),
+}
+# Qwen-Image Edit 2511: the same network; its reference latents get timestep 0 (what detection reads from the file)
+QWEN_EDIT_UNET = dict(QWEN_UNET, default_ref_method="index_timestep_zero")
+
+# Flux.2 [dev] as model_detection sets it (global modulation, SiLU MLP, no biases, 4 RoPE axes with text positions on
+# the 4th, reference latents placed by index), tiny; [klein] (Qwen3 text encoder) has no guidance embedding
+FLUX2_UNET = {
+    "image_model": "flux2", "in_channels": 128, "out_channels": 128, "vec_in_dim": None, "context_in_dim": 64,
+    "hidden_size": 32, "mlp_ratio": 3.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
+    "axes_dim": [4, 4, 4, 4], "theta": 2000, "patch_size": 1, "qkv_bias": False, "guidance_embed": True,
+    "txt_ids_dims": [3], "global_modulation": True, "mlp_silu_act": True, "ops_bias": False,
+    "default_ref_method": "index", "ref_index_scale": 10.0, "yak_mlp": False, "txt_norm": False,
+}
+FLUX2_KLEIN_UNET = dict(FLUX2_UNET, guidance_embed=False, context_in_dim=96)
+
+# Z-Image (Turbo): Lumina 2's NextDiT with Z-Image's settings from model_detection (dim 3840 there), small: its
+# modulation reads a 256-wide timestep embedding, so the width cannot go below 256
+ZIMAGE_UNET = {
+    "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 256, "cap_feat_dim": 64, "n_layers": 1,
+    "n_refiner_layers": 1, "qk_norm": True, "n_heads": 4, "n_kv_heads": 4, "axes_dims": [16, 24, 24],
+    "axes_lens": [1536, 512, 512], "rope_theta": 256.0, "ffn_dim_multiplier": 8.0 / 3.0, "z_image_modulation": True,
+    "time_scale": 1000.0, "pad_tokens_multiple": 32,
+}
+
+# Chroma: Flux's blocks without modulation weights, driven by the distilled-guidance approximator, tiny
+CHROMA_UNET = {
+    "image_model": "chroma", "in_channels": 64, "out_channels": 64, "context_in_dim": 64, "hidden_size": 48,
+    "mlp_ratio": 2.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1, "axes_dim": [4, 10, 10], "theta": 10000,
+    "patch_size": 2, "qkv_bias": True, "in_dim": 64, "out_dim": 48, "hidden_dim": 32, "n_layers": 1,
+    "txt_ids_dims": [], "vec_in_dim": None,
+}
+
+# HiDream I1: double- and single-stream MoE blocks reading T5 and per-block Llama-3 hidden states, tiny
+HIDREAM_UNET = {
+    "image_model": "hidream", "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 1,
+    "num_single_layers": 1, "attention_head_dim": 32, "num_attention_heads": 2, "caption_channels": [64, 64],
+    "text_emb_dim": 32, "num_routed_experts": 4, "num_activated_experts": 2, "axes_dims_rope": [16, 8, 8],
+    "max_resolution": [128, 128], "llama_layers": list(range(HIDREAM_LLAMA_LAYERS)),
 }
 
 
@@ -97,19 +144,33 @@ def model(family: str, seed: int = 0, in_channels: int | None = None):
         return _built(comfy.supported_models.Flux(dict(FLUX_UNET, in_channels=in_channels or 16)), seed)
     if family == "qwen":
         return _built(comfy.supported_models.QwenImage(dict(QWEN_UNET)), seed)
+    if family == "qwen_edit":
+        return _built(comfy.supported_models.QwenImage(dict(QWEN_EDIT_UNET)), seed)
+    if family in ("flux2", "flux2_klein"):
+        return _built(comfy.supported_models.Flux2(dict(FLUX2_UNET if family == "flux2" else FLUX2_KLEIN_UNET)), seed)
+    if family == "zimage":
+        return _built(comfy.supported_models.ZImage(dict(ZIMAGE_UNET)), seed)
+    if family == "chroma":
+        return _built(comfy.supported_models.Chroma(dict(CHROMA_UNET)), seed)
+    if family == "hidream":
+        return _built(comfy.supported_models.HiDream(dict(HIDREAM_UNET)), seed)
     raise ValueError(family)
 
 
 def text_cond(family: str, seed: int, tokens: int = 12, guidance: float | None = 3.5):
     """CONDITIONING as the family's text encoder gives it: tokens x width, plus the pooled vector where the
-    family has one (CLIP-G for SDXL, CLIP-L + CLIP-G for SD3, CLIP-L for Flux) and Flux's guidance."""
+    family has one (CLIP-G for SDXL, CLIP-L + CLIP-G for SD3 and HiDream, CLIP-L for Flux), Flux's and Flux.2
+    [dev]'s guidance, and HiDream's Llama-3 hidden states (layers x tokens x width)."""
     g = torch.Generator().manual_seed(seed)
     extra = {}
     if POOLED[family] is not None:
         extra["pooled_output"] = torch.randn(1, POOLED[family], generator=g)
-    if family == "flux" and guidance is not None:
+    if family in ("flux", "flux2") and guidance is not None:
         extra["guidance"] = guidance
-    return [[torch.randn(1, tokens, CONTEXT[family], generator=g), extra]]
+    text = torch.randn(1, tokens, CONTEXT[family], generator=g)
+    if family == "hidream":
+        extra["conditioning_llama3"] = torch.randn(1, HIDREAM_LLAMA_LAYERS, tokens, CONTEXT[family], generator=g)
+    return [[text, extra]]
 
 
 # --- ControlNets --------------------------------------------------------------------------------
@@ -176,6 +237,18 @@ def qwen_controlnet(seed: int = 1):
     return _control(net, seed, compression_ratio=1, latent_format=comfy.latent_formats.Wan21(), extra_conds=[])
 
 
+def qwen_fun_controlnet(seed: int = 2):
+    """Qwen-Image's Fun ControlNet (VAE-encoded hint, run with the base model's own blocks) through ComfyUI's own
+    loader, which reads its width and heads from the weights: tiny, the width of the tiny Qwen-Image."""
+    config = {k: v for k, v in QWEN_UNET.items() if k != "image_model"}
+    inner = config["attention_head_dim"] * config["num_attention_heads"]
+    net = comfy.ldm.qwen_image.controlnet.QwenImageFunControlNetModel(
+        control_in_features=132, inner_dim=inner, num_attention_heads=config["num_attention_heads"],
+        attention_head_dim=config["attention_head_dim"], operations=OPS, device="cpu", dtype=torch.float32)
+    _init_weights(net, seed)
+    return comfy.controlnet.load_controlnet_state_dict(net.state_dict())
+
+
 def control_kind(control) -> dict:
     """What makes a ControlNet of its kind: the classes and the settings its loader chooses."""
     model = control.control_model
@@ -213,10 +286,12 @@ def loader_kind(kind: str) -> dict:
 # --- VAEs ---------------------------------------------------------------------------------------
 
 def vae(family: str, seed: int = 5):
-    """The family's VAE, tiny: the SD layout with 4 (SDXL) or 16 (SD3, Flux) latent channels; Qwen-Image's
-    Wan 2.1 VAE (3-D causal convolutions, one frame)."""
-    if family == "qwen":
+    """The family's VAE, tiny: the SD layout with 4 (SDXL) or 16 (SD3, Flux, Z-Image, Chroma, HiDream: Flux's
+    VAE) latent channels; Qwen-Image's Wan 2.1 VAE (3-D causal convolutions, one frame); Flux.2's VAE."""
+    if family in ("qwen", "qwen_edit"):
         return _wan_vae(seed)
+    if family in ("flux2", "flux2_klein"):
+        return _flux2_vae(seed)
     channels = 4 if family.startswith("sdxl") else 16
     import comfy.ldm.models.autoencoder
     ddconfig = {"double_z": True, "z_channels": channels, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
@@ -230,14 +305,40 @@ def vae(family: str, seed: int = 5):
 
 
 def _wan_vae(seed: int):
-    """ComfyUI's VAE object set up for a Wan 2.1 VAE (what it detects from the file) holding a tiny WanVAE."""
+    """A tiny Wan 2.1 VAE through ComfyUI's own VAE loader: 0.33 reads the width from the file
+    (`decoder.head.0.gamma`); the channel multipliers and block counts are its fixed ones."""
     import comfy.ldm.wan.vae
-    with torch.device("meta"):  # the detected full-size module: only its settings are kept
-        out = comfy.sd.VAE(sd={"decoder.middle.0.residual.0.gamma": torch.zeros(384, 1, 1, 1)}, device=CPU,
-                           dtype=torch.float32)
-    net = comfy.ldm.wan.vae.WanVAE(dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+    net = comfy.ldm.wan.vae.WanVAE(dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
                                    temperal_downsample=[False, True, True], dropout=0.0)
     _init_weights(net, seed)
-    out.first_stage_model = net.eval()
-    out.patcher = comfy.model_patcher.ModelPatcher(net, load_device=CPU, offload_device=CPU)
-    return out
+    return comfy.sd.VAE(sd=net.state_dict(), device=CPU, dtype=torch.float32)
+
+
+def _flux2_vae(seed: int):
+    """Flux.2's VAE through ComfyUI's own VAE loader: the SD layout with 32 latent channels and a batch norm over
+    2x2 patches (`bn.running_mean`: 128 channels at 1/16 scale). The loader fixes the encoder's width (128) and
+    reads the decoder's from the file: the encoder is full size (38 M parameters, ~0.5 s per 64x192 image here),
+    the decoder tiny."""
+    import comfy.ldm.models.autoencoder
+    encoder = {"double_z": True, "z_channels": 32, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+               "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0,
+               "batch_norm_latent": True}
+    net = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=encoder, embed_dim=32, decoder_ddconfig=dict(encoder, ch=32))
+    _init_weights(net, seed)
+    return comfy.sd.VAE(sd=net.state_dict(), device=CPU, dtype=torch.float32)
+
+
+def cell_px(family: str) -> int:
+    """Pixels per latent cell of the family's VAE."""
+    return CELL_PX.get(family, 8)
+
+
+def zimage_fun_controlnet(seed: int = 1):
+    """A Z-Image Fun ControlNet as ModelPatchLoader makes it (ZImage_Control in a CoreModelPatcher), tiny: the
+    width and heads of the tiny Z-Image, one control layer."""
+    import comfy.ldm.lumina.controlnet
+    net = comfy.ldm.lumina.controlnet.ZImage_Control(dim=ZIMAGE_UNET["dim"], n_heads=ZIMAGE_UNET["n_heads"],
+                                                     n_kv_heads=ZIMAGE_UNET["n_kv_heads"], n_control_layers=1,
+                                                     device="cpu", dtype=torch.float32, operations=OPS)
+    _init_weights(net, seed)
+    return comfy.model_patcher.CoreModelPatcher(net, load_device=CPU, offload_device=CPU)

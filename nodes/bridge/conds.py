@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 import comfy.conds
+import comfy.samplers
 import comfy.utils
 
 from ...sampling import gather
@@ -49,6 +50,7 @@ class WindowConds:
         self.canvas_hints = {}    # id(control) -> (control, canvas-sized hint, px per cell)
         self.hint_crops = {}      # (id(control), region) -> (hint crop, extra concat crops)
         self.controls = {}        # (id(control), batch, B) -> (control, chain copy)
+        self.texts = {}           # (id(positive entry), region) -> the region's prompt as the model takes it
 
     def crop(self, cond_list, batch, B, role):
         out = []
@@ -74,8 +76,13 @@ class WindowConds:
         if d.get("model_conds"):
             w["model_conds"] = {k: self._window_model_cond(v, regions, B) for k, v in d["model_conds"].items()}
             prompted = role == "positive" and self.plan.prompts and "area" not in d and d.get("mask") is None
+            if prompted and d.get("conditioning_llama3") is not None:
+                raise ValueError("plan: per-factor prompts give each factor its own text embedding and pooled vector; "
+                                 "this prompt (HiDream) also carries Llama-3 hidden states, which a plan does not hold "
+                                 "per factor, so every factor would keep the positive prompt's. Use prompt_mode 'one "
+                                 "for all' with HiDream.")
             if prompted:
-                w["model_conds"]["c_crossattn"] = self._region_prompt(d["model_conds"].get("c_crossattn"), batch, B)
+                w["model_conds"]["c_crossattn"] = self._region_prompt(d, d["model_conds"].get("c_crossattn"), batch, B)
             pooled = self.plan.pooled if prompted and self.plan.pooled else None
             y = w["model_conds"].get("y")
             if y is not None and "unclip_conditioning" not in d and (pooled or isinstance(self.model, SIZE_CONDITIONED)):
@@ -93,19 +100,40 @@ class WindowConds:
     def _window_model_cond(self, c, regions, B):
         if isinstance(c, comfy.conds.CONDNoiseShape) and tuple(c.cond.shape[-2:]) == self.plan.canvas:
             return c._copy_with(stack_regions(c.cond, regions, B))
+        if isinstance(c, comfy.conds.CONDList):
+            # reference latents (ReferenceLatent: Flux Kontext, Flux.2, Qwen-Image Edit, Z-Image Omni): one of the
+            # canvas latent's size describes the canvas (the image being edited), so each window gets its crop,
+            # like a ControlNet hint; any other size (a subject, a style) is given whole to every window
+            return c._copy_with([stack_regions(t, regions, B) if torch.is_tensor(t) and tuple(t.shape[-2:]) == self.plan.canvas
+                                 else t for t in c.cond])
         return c
 
-    def _region_prompt(self, original, batch, B):
+    def _region_prompt(self, d, original, batch, B):
         """The regions' own text embeddings in place of the positive prompt's, stacked like the latents."""
         if original is None:
             raise ValueError("plan: per-factor prompts need a model that takes text embeddings (c_crossattn)")
         device, dtype = original.cond.device, original.cond.dtype
-        parts = [original._copy_with(self.plan.prompts[i].to(device, dtype)) for i in batch]
+        parts = [original._copy_with(self._model_text(d, i, device).to(device, dtype)) for i in batch]
         if len(parts) == 1:
             return parts[0]
         # CONDCrossAttn.concat pads differing token counts the way ComfyUI batches prompts
         stacked = [original._copy_with(comfy.utils.repeat_to_batch_size(p.cond, B)) for p in parts]
         return original._copy_with(stacked[0].concat(stacked[1:]))
+
+    def _model_text(self, d, i, device):
+        """Region i's prompt as the model takes a prompt: converted by the model's own extra_conds with the positive
+        entry's other settings, as ComfyUI converts the positive prompt (Flux.2 pads every prompt to 512 tokens)."""
+        key = (id(d), i)
+        if key not in self.texts:
+            latent_format = self.model.latent_format
+            frames = (1,) if getattr(latent_format, "latent_dimensions", 2) == 3 else ()
+            noise = torch.zeros((1, latent_format.latent_channels) + frames + self.plan.regions[i].size, device=device)
+            entry = {k: v for k, v in d.items() if k != "model_conds"}
+            entry.update(cross_attn=self.plan.prompts[i], model_conds={})
+            (converted,) = comfy.samplers.encode_model_conds(self.model.extra_conds, [entry], noise, device, "positive",
+                                                             latent_image=noise)
+            self.texts[key] = converted["model_conds"]["c_crossattn"].cond
+        return self.texts[key]
 
     def _control_chain(self, control, batch, B):
         """One chain of ControlBase copies per batch of regions, shared by every cond carrying `control`
@@ -160,6 +188,7 @@ class WindowConds:
         self.controls.clear()
         self.hint_crops.clear()
         self.canvas_hints.clear()
+        self.texts.clear()
 
 
 def _resize_like_comfy(image, hw, algorithm):

@@ -48,8 +48,23 @@ def layout_for(plan, model, latent_shape):
         raise ValueError(f"plan / latent_image: {e}") from None
 
 
+# ComfyUI 0.33's ControlNets as MODEL patches (ModelPatchLoader + ZImageFunControlnet / QwenImageDiffsynthControlnet,
+# SUPIR, Anima LLLite, Wan Uni3C): they hold their control image on the model and resize it to whatever latent a
+# call gets, so every window would get the whole canvas' control squashed into it; not cropped per window yet
+_CONTROL_PATCHES = {"ZImageControlPatch": "Z-Image Fun ControlNet", "DiffSynthCnetPatch": "Qwen-Image DiffSynth ControlNet",
+                    "SUPIRPatch": "SUPIR", "AnimaLLLitePatch": "Anima LLLite", "WanUni3CCnetPatch": "Wan Uni3C ControlNet"}
+
+
 def refuse_unsupported(model_options: dict) -> None:
     """Model options windows cannot run under, refused with what to do instead."""
+    for kind in model_options.get("transformer_options", {}).get("patches", {}).values():
+        for patch in kind if isinstance(kind, (list, tuple)) else ():
+            name = _CONTROL_PATCHES.get(type(patch).__name__)
+            if name is not None:
+                raise ValueError(f"model: a {name} is applied to this MODEL as a model patch ({type(patch).__name__}); "
+                                 f"it holds the control image on the model and would give every ControlSync window "
+                                 f"the whole canvas' control squashed into it: model-patch ControlNets are not cropped "
+                                 f"per window yet. Sample this model without ControlSync, or without the patch.")
     if model_options.get("context_handler") is not None:
         raise ValueError("model: ComfyUI's context windows are active on this MODEL (a context-window node is "
                          "upstream); they do not crop ControlNet hints and cannot be combined with ControlSync "

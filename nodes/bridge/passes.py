@@ -75,12 +75,12 @@ def canvas_pass(run, executor, model, conds, x_in, timestep, model_options):
         if run.ctx.config.focus is not None:  # the latent is the one region: no merge, no sync
             merged = region_pass(run, Focus(run, (0,)), executor, model, conds, x_in, timestep, model_options)
         else:
+            if run.ctx.synced and not run.tracked:
+                raise ValueError("sync: this sampler runs its own loop instead of its sampler function, so "
+                                 "AnchorSync cannot see its steps or move its latent; use one of ComfyUI's "
+                                 "KSampler samplers or disconnect sync")
             sync = run.sync_step(timestep) if ev.calls == 1 else None
             if sync is not None:
-                if not run.tracked:
-                    raise ValueError("sync: this sampler runs its own loop instead of its sampler function, so "
-                                     "AnchorSync cannot see its steps or move its latent; use one of ComfyUI's "
-                                     "KSampler samplers or disconnect sync")
                 ev.sync = sync_moves(run, model, conds, x_in, timestep, model_options, sync)
                 run.pending_move = ev.sync.canvas
             merged = merge_outputs(run, denoise_regions(run, executor, model, conds, x_in, timestep, model_options,

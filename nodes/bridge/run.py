@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextvars
 from dataclasses import dataclass, field, replace
 
-import torch
 
 import comfy.samplers
 

@@ -11,8 +11,8 @@ import comfy.model_management
 import comfy.utils
 
 from ...sampling import gather
-from ...sampling.sync import (factor_indices, jacobian_slope, kappa_bound, lpips_input, region_moves, step_scale,
-                              sync_deltas, window_sync_gradient)
+from ...sampling.sync import (factor_indices, jacobian_slope, kappa_bound, lpips_input, region_moves, sync_deltas,
+                              window_sync_gradient)
 from .autograd import adds_in_place, control_modules, differentiable, gradient_options
 from .loss_models import loss_path
 from .memory import halving_batches
@@ -49,8 +49,7 @@ def sync_moves(run, model, conds, x_in, timestep, model_options, sync) -> SyncMo
     # the anchor's x0, recorded: the denoising pass reuses it
     anchor_x0 = guided_x0(run, (plan.anchor,), latents[plan.anchor], timestep, model_options, record=True)
     bar = comfy.utils.ProgressBar(len(others))
-    x0s, kappas, probes = {}, {}, {}
-    scale = weight * step_scale(run.ctx.parameterisation, sigma)
+    x0s = {}
     with differentiable(modules, copy_saved=adds_in_place(model)):
         anchor_image = lpips_input(decode(anchor_x0.clone())).detach()
         grad_options = gradient_options(model_options)
@@ -84,7 +83,8 @@ def sync_moves(run, model, conds, x_in, timestep, model_options, sync) -> SyncMo
                         f"window(s) {sorted(skipped)}; they skip this sync step")
     deltas = {i: d.detach() for i, d in deltas.items()}
     if fast:
-        deltas, shifts = _fast_moves(run, batches, latents, x0s, deltas, timestep, model_options, sigma, scale)
+        # the batches that ran (an out-of-memory retry may have split some)
+        deltas, shifts = _fast_moves(run, list(x0s), latents, x0s, deltas, timestep, model_options, sigma)
         shifts[plan.anchor] = torch.zeros_like(latents[plan.anchor])
     deltas[plan.anchor] = torch.zeros_like(latents[plan.anchor])
     moves = region_moves(plan, deltas)
@@ -94,7 +94,7 @@ def sync_moves(run, model, conds, x_in, timestep, model_options, sync) -> SyncMo
     return SyncMoves(moves, None, canvas)
 
 
-def _fast_moves(run, batches, latents, x0s, unit_moves, timestep, model_options, sigma, scale):
+def _fast_moves(run, batches, latents, x0s, unit_moves, timestep, model_options, sigma):
     """(moves, prediction shifts) of the fast mode's factors: u = w c^2 g is the move at slope 1; one forward
     evaluation at x - u gives the slope kappa along u, the move kappa u and the shift kappa (D(x) - D(x - u))."""
     bound = kappa_bound(run.ctx.parameterisation, sigma)
