@@ -350,3 +350,46 @@ def test_upscale_combination_tile_controlnet_sync_from_the_run_and_guide(s, enco
           ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
     bound = 1e-6 * max(errors["none"], 1.0) if method == "replacement" else 1e-2 * errors["none"]
     assert errors["none"] > 0.05 and errors[method] < bound
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_sdxl_and_flux_tile_controlnets_on_the_low_resolution_input_get_each_windows_crop(s, family):
+    """SDXL's ControlNet (pixel hint) and Flux's InstantX Union ControlNet in tile mode (VAE-encoded hint), tiny
+    (tests/tiny_families.py), on the low-resolution input at 3/8 of the 192x64 canvas: a forward hook on the real
+    module sees, per window, its crop of that image resized to the canvas as ComfyUI resizes hints - for Flux,
+    ComfyUI's VAE encoding of that crop (each window is an image of its own)."""
+    import comfy.utils
+    import comfy_extras.nodes_controlnet as ncn
+    import comfy_extras.nodes_flux as nflux
+    import tiny_families as tf
+    small = torch.nn.functional.interpolate(s.image.movedim(-1, 1), size=(24, 72), mode="area").movedim(1, -1)
+    with torch.inference_mode():
+        model, vae = tf.model(family), tf.vae(family)
+        if family == "sdxl":
+            control, cfg = tf.sdxl_controlnet(), 7.5
+            pos, neg = tf.text_cond(family, 10), tf.text_cond(family, 11)
+        else:
+            control = ncn.SetUnionControlNetType().set_controlnet_type(tf.flux_controlnet("union"), "tile")[0]
+            pos, cfg = nflux.FluxGuidance.execute(tf.text_cond(family, 10, guidance=None), 3.5).args[0], 1.0
+            neg = s.nodes.ConditioningZeroOut().zero_out(pos)[0]
+        pos, neg = s.nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, control, small, 1.0, 0.0, 1.0, vae=vae)
+        channels = model.model.latent_format.latent_channels
+        (encoded,) = s.nodes.VAEEncodeTiled().encode(vae, s.image, 512, 64)
+    hints = []
+    handle = control.control_model.register_forward_hook(lambda m, a, kw, out: hints.append(kw["hint"].clone()),
+                                                         with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            s.Sampler.execute(model, SEED, 1, cfg, "euler", "simple", pos, neg, encoded, s.plan, DENOISE, 1)
+    finally:
+        handle.remove()
+    assert encoded["samples"].shape[1] == channels
+    canvas = comfy.utils.common_upscale(small.movedim(-1, 1), 192, 64, control.upscale_algorithm, "center")
+    starts = [0, 32, 64, 96, 128]
+    assert len(hints) == len(starts)
+    for hint, x0 in zip(hints, starts):
+        crop = canvas[..., x0:x0 + 64]
+        if family == "flux":
+            with torch.inference_mode():
+                crop = control.latent_format.process_in(vae.encode(crop.movedim(1, -1)))
+        assert torch.equal(hint[0], crop[0].to(hint.dtype)), (family, x0)
