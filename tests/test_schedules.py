@@ -107,6 +107,11 @@ def test_counting_from_the_run_syncs_the_first_steps_that_run():
     assert run.step_weights([1.0] * 21, None, (20, 40)) == pytest.approx(
         [20.0, 20 * 0.95 ** 2.5, 20 * 0.95 ** 5, 20 * 0.95 ** 7.5] + [0.0] * 16, rel=1e-12)
     assert run.step_weights([1.0] * 26, None, (0, 25)) == papers.step_weights([1.0] * 26, None, (0, 25))
+    # the upscale workflow: denoise 0.45 at 25 steps runs the last 25 of int(25 / 0.45) = 55; counted from the run
+    # its first floor(10 * 25 / 50 + 0.5) = 5 are synced (0.95^2 a step), from the schedule none (its first 11)
+    assert run.step_weights([1.0] * 26, None, (30, 55)) == pytest.approx(
+        [20.0 * 0.95 ** (2 * i) for i in range(5)] + [0.0] * 20, rel=1e-12)
+    assert papers.step_weights([1.0] * 26, None, (30, 55)) == [0.0] * 25
     with pytest.raises(ValueError, match="sync start"):
         SyncSchedule(start="denoise")
 
