@@ -1,23 +1,27 @@
 """Benchmark (not a test): upscaling with ControlSync side by side with Ultimate SD Upscale, in one run.
 
-    ~/comfy/venv/bin/python tests/benchmark_upscale.py [--scales 2 4] [--input 512] [--steps 20] [--denoise 0.45]
-                                                       [--out DIR] [--picture PATH] [--markdown]
+    ~/comfy/venv/bin/python tests/benchmark_upscale.py [--scales 2 4] [--input 256] [--tile 256] [--steps 20]
+                                                       [--denoise 0.45] [--out DIR] [--picture PATH]
 
 One input (the shipped photo, workflows/controlsync_outpaint_photo.jpg, resized to --input px) upscaled 2x and 4x
 with lanczos (ComfyUI's ImageScaleBy), then refined at the same steps, denoise, sampler (euler, normal), cfg 7 and
 seed on the same tiny random-weight SD1.5 models (tests/tiny_models.py: UNet, a ControlNet on the input image as
 the tile ControlNet, VAE) by
-  USDU            Ultimate SD Upscale's UltimateSDUpscaleNoUpscale (pinned: tests/install_usdu.py), 512 px tiles,
-                  padding 32, mask blur 8, Linear order, seam fix None or Half Tile + Intersections (seam-fix
-                  denoise = the denoise; width 64, padding 16, mask blur 8: the node's defaults; the px settings
-                  scale with --tile);
-  ControlSync     VAE Encode (Tiled) -> Window Planner (512 px windows, stride 384) -> ControlSync Sampler ->
+  USDU            Ultimate SD Upscale's UltimateSDUpscaleNoUpscale (pinned: tests/install_usdu.py), --tile px tiles,
+                  Linear order, mask blur 8, seam fix None or Half Tile + Intersections (seam-fix denoise = the
+                  denoise, mask blur 8); padding, seam-fix width and padding scaled from the node's defaults for
+                  512 px tiles (32, 64, 16) to the tile size;
+  ControlSync     VAE Encode (Tiled) -> Window Planner (--tile px windows, stride 3/4 of it) -> ControlSync Sampler ->
                   VAE Decode (Tiled): plain joint windows, and the shipped workflow's set-up (+ Low-pass Guide,
                   replacement in latent space; + Anchor Sync counted from the run: vgg, exact, half-size loss);
   VAE round trip  the upscaled image encoded and decoded (no diffusion): the faithfulness this VAE allows.
 Each row runs in a fresh process (peak memory is per process: ru_maxrss).
 
-Columns: seam score at USDU's 512 px tile borders and at ControlSync's window borders (sampling/metrics.py
+Sizes: the tiny UNet's attention over a 512 px tile's 4096 latent cells takes ~7 s per CFG step on one core here,
+so the defaults are a 256 px input, 256 px tiles and windows (2x: 512 px, 4x: 1024 px); --input 512 --tile 512
+is the 512 -> 2048 set-up (hours on this CPU).
+
+Columns: seam score at USDU's tile borders and at ControlSync's window borders (sampling/metrics.py
 grid_seam_score: mean |step| across those borders over the mean |step| between all neighbouring pixels; 1 = as
 invisible as any pixel step), faithfulness (PSNR and LPIPS-alex of H(result) against the input, H = area
 downsampling onto the input's size), colour drift between USDU's tiles (tile_colour_drift: the spread across
@@ -216,13 +220,12 @@ def picture(results: dict, image, upscaled, scale: int, path: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scales", type=int, nargs="+", default=[2, 4])
-    ap.add_argument("--input", type=int, default=512, help="the input's side in px (default 512)")
+    ap.add_argument("--input", type=int, default=256, help="the input's side in px (default 256)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--denoise", type=float, default=0.45)
-    ap.add_argument("--tile", type=int, default=512, help="USDU's tile and ControlSync's window in px (stride 3/4 of it)")
+    ap.add_argument("--tile", type=int, default=256, help="USDU's tile and ControlSync's window in px (stride 3/4 of it)")
     ap.add_argument("--out", default=str(TESTS / ".cache" / "benchmark_upscale"))
     ap.add_argument("--picture", default=str(PICTURE), help="where to write the side-by-side picture ('' for none)")
-    ap.add_argument("--markdown", action="store_true", help="print the table as Markdown (the README's)")
     ap.add_argument("--row", nargs=2, metavar=("SCALE", "METHOD"), help=argparse.SUPPRESS)
     ap.add_argument("--row-out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -289,6 +289,9 @@ def test_guide_refusals_name_the_input(s):
     cubemap = FactorGraphCollage.execute("cubemap", 64, 64, 64, 64, 32, "horizontal", 0).args[0]
     with pytest.raises(ValueError, match="guide: .*cubemap.*6 times"):
         sample(cubemap, guide(s, image=s.tm.condition_image(32, 190))[0], {"samples": torch.zeros(1, 4, 8, 48)})
+    with pytest.raises(ValueError, match="guide: space 'pixels' .* cubemap"):
+        sample(cubemap, guide(s, "reconstruction", "pixels", image=s.tm.condition_image(32, 192))[0],
+               {"samples": torch.zeros(1, 4, 8, 48)})
 
 
 def test_pixel_space_reconstruction_pulls_the_decoded_low_pass_to_y(s):

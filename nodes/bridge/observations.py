@@ -42,6 +42,10 @@ def check_guide(guide, plan, canvas_px: tuple[int, int], factor: int) -> None:
         raise ValueError(f"guide: the low-resolution image is {w}x{h} px, larger than the canvas ({W}x{H} px); the "
                          f"guide keeps the result's downsampling at it, so it must be at most the canvas size (give "
                          f"the image before upscaling)")
+    if getattr(plan, "graph", None) == "cubemap" and guide.space == "pixels":
+        raise ValueError("guide: space 'pixels' decodes the canvas tile by tile as one image, and a cubemap's strip "
+                         "is six faces whose borders do not continue each other there (the cube padding of Loop VAE "
+                         "Decode is not applied); use space 'latent' on a cubemap")
     if getattr(plan, "graph", None) == "cubemap" and w != 6 * h:
         raise ValueError(f"guide: a cubemap's canvas is a strip of six square faces; the low-resolution image must be "
                          f"one too (6 times as wide as high, faces in the canvas's order), got {w}x{h} px")
