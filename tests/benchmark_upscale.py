@@ -187,7 +187,7 @@ def picture(results: dict, image, upscaled, scale: int, path: Path) -> None:
     borders) or cyan (ControlSync's window borders)."""
     import numpy as np
     from PIL import Image, ImageDraw
-    crop = TILE * 3 // 4
+    crop = min(384, 2 * TILE)
     c0 = TILE - crop // 2
     short = {"controlsync_guide_sync": "ControlSync (the workflow's set-up)", "usdu_none": "USDU, no seam fix",
              "usdu_half_tile": "USDU, Half Tile + Intersections"}
@@ -226,6 +226,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tile", type=int, default=256, help="USDU's tile and ControlSync's window in px (stride 3/4 of it)")
     ap.add_argument("--out", default=str(TESTS / ".cache" / "benchmark_upscale"))
     ap.add_argument("--picture", default=str(PICTURE), help="where to write the side-by-side picture ('' for none)")
+    ap.add_argument("--from-saved", action="store_true",
+                    help="no sampling: the table and picture from the results a previous run saved in --out")
     ap.add_argument("--row", nargs=2, metavar=("SCALE", "METHOD"), help=argparse.SUPPRESS)
     ap.add_argument("--row-out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -254,7 +256,8 @@ def main(argv=None) -> int:
             stem = str(out_dir / f"{scale}x_{method}")
             cmd = [sys.executable, __file__, "--row", str(scale), method, "--row-out", stem, "--input", str(args.input),
                    "--steps", str(args.steps), "--denoise", str(args.denoise), "--tile", str(args.tile)]
-            subprocess.run(cmd, check=True)
+            if not args.from_saved:
+                subprocess.run(cmd, check=True)
             numbers = json.loads(Path(stem + ".json").read_text())
             out = torch.load(stem + ".pt")
             outputs[(scale, method)] = out
@@ -269,13 +272,16 @@ def main(argv=None) -> int:
               f"{side} px input, {args.steps} steps at denoise {args.denoise}, euler, cfg {CFG}, tiny random-weight models")
     print(header)
     lines = ["| scale | method | seam at tile borders | seam at window borders | PSNR of H(result) (dB) | LPIPS of "
-             "H(result) | colour drift between tiles | seconds | peak RSS (MiB) | model-pixels per step |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "H(result) | colour drift between tiles | seconds | peak RSS over the loaded models (MiB) | "
+             "model-pixels per step | seconds per G model-pixels |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        per_step = "-" if r["method"] == "roundtrip" else f"{r['model_pixels'] / args.steps / 1e6:.2f} M"
+        work = r["model_pixels"] / 1e9
+        per_step = "-" if not work else f"{r['model_pixels'] / args.steps / 1e6:.2f} M"
+        rate = "-" if not work else f"{r['seconds'] / work:.1f}"
         lines.append(f"| {r['scale']}x ({side * r['scale']} px) | {LABELS[r['method']]} | {r['seam_tiles']:.2f} | "
                      f"{r['seam_windows']:.2f} | {r['psnr']:.2f} | {r['lpips']:.3f} | {r['drift']:.4f} | "
-                     f"{r['seconds']:.1f} | {r['peak_rss_mib']:.0f} | {per_step} |")
+                     f"{r['seconds']:.1f} | {r['peak_rss_mib'] - r['rss_before_mib']:.0f} | {per_step} | {rate} |")
     print("\n".join(lines))
     return 0
 
