@@ -7,6 +7,7 @@ import copy
 import torch
 
 import comfy.ldm.modules.diffusionmodules.openaimodel
+import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
 
@@ -56,11 +57,17 @@ def differentiable(modules, copy_saved: bool = False):
     autograd cannot save for backward; while the gradient pass runs, each is replaced by a plain tensor
     aliasing the same memory (no copy), and the user's own tensors are put back afterwards, whatever
     happens. Nothing is swapped outside this block, so ComfyUI may move or patch weights between steps.
-    `copy_saved`: keep a copy of every activation autograd saves (see _saved_copy)."""
+    `copy_saved`: keep a copy of every activation autograd saves (see _saved_copy).
+    ComfyUI 0.33 runs RoPE (Flux, Qwen-Image, Lumina / Z-Image, ...) and int8 linears through comfy-kitchen
+    kernels that have no backward unless `comfy.model_management.in_training` is set, as its own training node
+    sets it: set while the gradient pass runs, restored afterwards."""
     swapped, seen = [], set()
     hooks = torch.autograd.graph.saved_tensors_hooks(_saved_copy, _saved_value) if copy_saved else contextlib.nullcontext()
+    training = getattr(comfy.model_management, "in_training", None)
     with torch.inference_mode(False), torch.enable_grad(), hooks:
         try:
+            if training is not None:
+                comfy.model_management.in_training = True
             for module in modules:
                 for sub in module.modules():
                     if id(sub) in seen:
@@ -74,6 +81,8 @@ def differentiable(modules, copy_saved: bool = False):
                                 swapped.append((store, name, t))
             yield
         finally:
+            if training is not None:
+                comfy.model_management.in_training = training
             for store, name, t in reversed(swapped):
                 store[name] = t
 

@@ -5,6 +5,7 @@ import comfy.model_base
 import comfy.model_sampling
 
 from ...sampling import PlanError
+from .model_patches import refuse_unwindowed
 
 # models whose adm vector carries SDXL's size conditioning (original size, crop, target size)
 SIZE_CONDITIONED = (comfy.model_base.SDXL, comfy.model_base.SDXLRefiner)
@@ -50,6 +51,7 @@ def layout_for(plan, model, latent_shape):
 
 def refuse_unsupported(model_options: dict) -> None:
     """Model options windows cannot run under, refused with what to do instead."""
+    refuse_unwindowed(model_options)
     if model_options.get("context_handler") is not None:
         raise ValueError("model: ComfyUI's context windows are active on this MODEL (a context-window node is "
                          "upstream); they do not crop ControlNet hints and cannot be combined with ControlSync "

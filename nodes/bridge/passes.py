@@ -49,8 +49,9 @@ def region_pass(run, focus, executor, model, conds, x, timestep, model_options):
     records = run.current_evaluation().outputs.setdefault(Key("regions", model_options, *conds), {})
     if focus.reuse and all(i in records for i in focus.regions):
         return [torch.cat([records[i][ci] for i in focus.regions]) for ci in range(len(conds))]
-    outs = executor(model, run.crop_conds(conds, focus.regions, x.shape[0] // len(focus.regions)), x, timestep,
-                    model_options)
+    B = x.shape[0] // len(focus.regions)
+    outs = executor(model, run.crop_conds(conds, focus.regions, B), x, timestep,
+                    run.crop_options(model_options, focus.regions, B))
     if focus.record:
         for i, parts in zip(focus.regions, zip(*[o.chunk(len(focus.regions)) for o in outs])):
             records[i] = list(parts)
@@ -117,7 +118,7 @@ def denoise_regions(run, executor, model, conds, x_in, timestep, model_options, 
         if moves is not None:
             x_w = x_w - torch.cat([moves[i] for i in batch]).to(x_w)
         t_w = timestep if len(batch) == 1 else timestep.repeat(len(batch))
-        outs = executor(model, run.crop_conds(conds, batch, B), x_w, t_w, model_options)
+        outs = executor(model, run.crop_conds(conds, batch, B), x_w, t_w, run.crop_options(model_options, batch, B))
         for ci, out in enumerate(outs):
             for i, part in zip(batch, out.chunk(len(batch))):
                 outputs.setdefault(i, [None] * len(outs))[ci] = part

@@ -14,6 +14,7 @@ from ...sampling.sync import locate, noise_level
 from .conds import WindowConds
 from .memory import automatic_batch
 from .model_facts import layout_for, parameterisation
+from .model_patches import WindowPatches
 
 # the run under way (its OUTER_SAMPLE wrapper sets it), and a call that evaluates only some regions
 current_run: contextvars.ContextVar["RunState | None"] = contextvars.ContextVar("controlsync_run", default=None)
@@ -83,6 +84,7 @@ class RunState:
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
         self.conds = WindowConds(ctx.plan, ctx.model)
+        self.patches = WindowPatches(ctx.plan)
         self.known = None            # Reconstruction: (known latent, 1 on known cells), as the sampled latent
         self.evaluations = 0         # model evaluations the sampler made so far
         self.tracked = False         # counted at the sampler (else: each outermost call is one evaluation)
@@ -116,6 +118,10 @@ class RunState:
     def crop_conds(self, conds, batch, B) -> list:
         return [None if c is None else self.conds.crop(c, batch, B, role) for c, role in zip(conds, self.roles(conds))]
 
+    def crop_options(self, model_options, batch, B) -> dict:
+        """The model options of a call on these regions: the MODEL's spatial model patches cut to them."""
+        return self.patches.options(model_options, batch, B)
+
     def denoise_batch_size(self, model, conds, x_in) -> int:
         if self.denoise_batch is None:
             size = self.ctx.config.window_batch
@@ -141,6 +147,7 @@ class RunState:
 
     def close(self):
         self.conds.close()
+        self.patches.close()
 
 
 def has_area(conds) -> bool:
