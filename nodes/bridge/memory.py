@@ -48,9 +48,20 @@ def automatic_batch(model, plan, conds, x_in, gradient=False, loss_bytes_per_pix
     patcher = getattr(model, "current_patcher", None)
     cast = 0.0
     if patcher is not None and gradient:
-        cast = max(0.0, float(patcher.model_size() - patcher.loaded_size()))
-    return auto_window_batch(model, plan, conds, x_in.shape, comfy.model_management.get_free_memory(x_in.device),
-                             gradient, loss_bytes_per_pixel, gradient and adds_in_place(model), cast)
+        cast = streamed_weight_bytes(patcher)
+    # ComfyUI's own cond batching asks the patcher: under dynamic VRAM it counts the weights it may evict
+    free = patcher.get_free_memory(x_in.device) if patcher is not None else comfy.model_management.get_free_memory(x_in.device)
+    return auto_window_batch(model, plan, conds, x_in.shape, free, gradient, loss_bytes_per_pixel,
+                             gradient and adds_in_place(model), cast)
+
+
+def streamed_weight_bytes(patcher) -> float:
+    """Bytes of weights a gradient graph keeps copies of (autograd.py's _is_cast_view): under dynamic VRAM
+    (comfy-aimdo, ComfyUI 0.33's default on GPUs) every streamed layer's weight is a view of a cast buffer or a
+    vbar page, so the whole model; otherwise the part a lowvram load left out of VRAM."""
+    if getattr(patcher, "is_dynamic", lambda: False)():
+        return float(patcher.model_size())
+    return max(0.0, float(patcher.model_size() - patcher.loaded_size()))
 
 
 def is_out_of_memory(error: BaseException) -> bool:
