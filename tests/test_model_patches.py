@@ -2,7 +2,7 @@
 window's own VAE encoding of its crop of the control image (forward hooks on the patch's own network), batches
 of windows get theirs stacked, a one-window plan is ComfyUI's own run bit for bit, the gradient passes run
 through the patch, nothing of the user's patch changes, and the spatial patches that are not cut are refused.
-Tiny models from 0.33's configs (tests/tiny_patches.py)."""
+Tiny models from 0.33's configs (tests/tiny_033.py)."""
 from __future__ import annotations
 
 import pytest
@@ -19,7 +19,7 @@ def m(comfy):
     import comfy_extras.nodes_model_patch as mp
     import nodes
     import tiny_models as tm
-    import tiny_patches as tp
+    import tiny_033 as tp
     from controlsync.nodes.controlsync_sampler import ControlSyncSampler
     from controlsync.nodes.window_planner import WindowPlanner
 

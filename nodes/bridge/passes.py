@@ -22,6 +22,7 @@ import comfy.model_management
 from ...sampling import MergeRule
 from .conds import stack_regions
 from .model_facts import refuse_unsupported
+from .positions import offset
 from .run import Focus, Key, RunContext, RunState, current_focus, current_run, focused_layout
 
 
@@ -142,11 +143,12 @@ def merge_outputs(run, outputs, x_in) -> list:
 
 def batches_of(plan, indices, size):
     """Runs of region indices to evaluate in one call; only regions of one size batch together (factor
-    graphs mix factor and variable sizes), and per-region prompts of one token count (CLIP pads, T5 and
-    Qwen cannot)."""
+    graphs mix factor and variable sizes), per-region prompts of one token count (CLIP pads, T5 and
+    Qwen cannot), and with canvas-global positions regions at one offset (positions.py)."""
     by_size = {}
     for i in indices:
-        by_size.setdefault((plan.regions[i].size, plan.prompts[i].shape[-2] if plan.prompts else None), []).append(i)
+        key = (plan.regions[i].size, plan.prompts[i].shape[-2] if plan.prompts else None, offset(plan, i))
+        by_size.setdefault(key, []).append(i)
     size = max(1, size)
     return [tuple(ids[s:s + size]) for ids in by_size.values() for s in range(0, len(ids), size)]
 

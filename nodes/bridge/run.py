@@ -15,6 +15,7 @@ from .conds import WindowConds
 from .memory import automatic_batch
 from .model_facts import layout_for, parameterisation
 from .model_patches import WindowPatches
+from .positions import window_options
 
 # the run under way (its OUTER_SAMPLE wrapper sets it), and a call that evaluates only some regions
 current_run: contextvars.ContextVar["RunState | None"] = contextvars.ContextVar("controlsync_run", default=None)
@@ -119,8 +120,9 @@ class RunState:
         return [None if c is None else self.conds.crop(c, batch, B, role) for c, role in zip(conds, self.roles(conds))]
 
     def crop_options(self, model_options, batch, B) -> dict:
-        """The model options of a call on these regions: the MODEL's spatial model patches cut to them."""
-        return self.patches.options(model_options, batch, B)
+        """The model options of a call on these regions: the MODEL's spatial model patches cut to them, and
+        their canvas positions when the plan asks for them."""
+        return window_options(self.patches.options(model_options, batch, B), self.ctx.plan, batch, self.ctx.model)
 
     def denoise_batch_size(self, model, conds, x_in) -> int:
         if self.denoise_batch is None:

@@ -1,5 +1,7 @@
-"""Tiny real models for ComfyUI 0.33's model-patch ControlNets (comfy_extras/nodes_model_patch.py), built from
-config inside the real ComfyUI with seeded random weights:
+"""Tiny real models for the pack's ComfyUI 0.33 features (model-patch ControlNets, canvas-global positions), built
+from 0.33's configs inside the real ComfyUI with seeded random weights:
+
+* Flux as 0.33's model_detection configures it (tests/tiny_families.py's config with 0.33's `txt_ids_dims`);
 
 * Qwen-Image (tests/tiny_families.py's) with Qwen-Image's DiffSynth block-wise ControlNet
   (`QwenImageBlockWiseControlNet`, as ModelPatchLoader builds it, one block per main block; 4 extra input
@@ -44,6 +46,10 @@ def _model_patch(net, seed):
 
 def qwen():
     return tf.model("qwen")
+
+
+def flux(seed: int = 0):
+    return tf._built(comfy.supported_models.Flux(dict(tf.FLUX_UNET, txt_ids_dims=[])), seed)
 
 
 def zimage(seed: int = 0):
