@@ -5,7 +5,7 @@ import comfy.model_base
 import comfy.model_sampling
 
 from ...sampling import PlanError
-from .model_patches import refuse_unwindowed
+from .model_patches import refuse_unwindowed, spatial_patches
 
 # models whose adm vector carries SDXL's size conditioning (original size, crop, target size)
 SIZE_CONDITIONED = (comfy.model_base.SDXL, comfy.model_base.SDXLRefiner)
@@ -56,9 +56,10 @@ def refuse_unsupported(model_options: dict) -> None:
         raise ValueError("model: ComfyUI's context windows are active on this MODEL (a context-window node is "
                          "upstream); they do not crop ControlNet hints and cannot be combined with ControlSync "
                          "windows. Remove the context-window node, or sample without ControlSync.")
-    if "multigpu_clones" in model_options:
-        raise ValueError("model: this MODEL is set up for ComfyUI's multi-GPU sampling; ControlSync windows need "
-                         "one device. Remove the multi-GPU node for this sampler.")
+    if len(model_options.get("multigpu_clones") or ()) > 1 and spatial_patches(model_options):
+        raise ValueError("model: this MODEL samples on several GPUs (MultiGPU CFG Split) and carries a model-patch "
+                         "ControlNet, whose network ComfyUI keeps on the main GPU only. Remove the MultiGPU node, or "
+                         "apply the ControlNet as a regular ControlNet.")
     if "sampler_calc_cond_batch_function" in model_options:
         raise ValueError("model: a node upstream replaces ComfyUI's cond batching (sampler_calc_cond_batch_function); "
                          "ControlSync windows run inside it and cannot be combined with that node.")

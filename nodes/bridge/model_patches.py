@@ -45,6 +45,11 @@ def patch_objects(model_options):
             yield name, k, getattr(fn, "__self__", fn)
 
 
+def spatial_patches(model_options) -> list:
+    """The model patches this module cuts to windows."""
+    return [obj for _, _, obj in patch_objects(model_options) if type(obj).__name__ in _WINDOWED]
+
+
 def refuse_unwindowed(model_options) -> None:
     for _, _, obj in patch_objects(model_options):
         why = _REFUSED.get(type(obj).__name__)

@@ -116,8 +116,9 @@ class RunState:
             return ["positive", "negative"][:len(conds)] + [None] * max(0, len(conds) - 2)
         return [named.get(id(c)) for c in conds]
 
-    def crop_conds(self, conds, batch, B) -> list:
-        return [None if c is None else self.conds.crop(c, batch, B, role) for c, role in zip(conds, self.roles(conds))]
+    def crop_conds(self, conds, batch, B, device=None) -> list:
+        """The conds cut to these regions; ControlNets as their instances for `device` (MultiGPU: devices.py)."""
+        return [None if c is None else self.conds.crop(c, batch, B, role, device) for c, role in zip(conds, self.roles(conds))]
 
     def crop_options(self, model_options, batch, B) -> dict:
         """The model options of a call on these regions: the MODEL's spatial model patches cut to them, and
