@@ -7,6 +7,7 @@ from ...sampling import gather, rect_region
 from ...sampling.conditional import collage_reconstruction
 from .autograd import adds_in_place, control_modules, differentiable, gradient_options
 from .memory import halving_batches
+from .model_patches import patch_modules
 from .passes import batches_of, guided_x0
 
 
@@ -22,7 +23,8 @@ def reconstruction_correction(run, model, conds, x_in, timestep, model_options, 
     touching = [i for i, c in enumerate(plan.coefficients) if c != 0 and bool(gather(mask, plan.regions[i]).any())]
     moves = _latent_moves(plan, sync)
     total = []
-    with differentiable([model.diffusion_model] + control_modules(conds), copy_saved=adds_in_place(model)):
+    with differentiable([model.diffusion_model] + control_modules(conds) + patch_modules(model_options),
+                        copy_saved=adds_in_place(model)):
         options = gradient_options(model_options)
 
         def one_batch(batch):
