@@ -29,13 +29,7 @@ from tiny_models import _init_weights
 
 CPU = torch.device("cpu")
 
-# Z-Image (Turbo) as model_detection configures it, tiny (dim 3840, 30 layers there)
-ZIMAGE_UNET = {
-    "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 256, "cap_feat_dim": 64, "n_layers": 1,
-    "n_refiner_layers": 1, "qk_norm": True, "n_heads": 4, "n_kv_heads": 4, "axes_dims": [16, 24, 24],
-    "axes_lens": [1536, 512, 512], "rope_theta": 256.0, "ffn_dim_multiplier": 8.0 / 3.0, "z_image_modulation": True,
-    "time_scale": 1000.0, "pad_tokens_multiple": 32,
-}
+ZIMAGE_UNET = tf.ZIMAGE_UNET
 
 
 def _model_patch(net, seed):
@@ -49,11 +43,11 @@ def qwen():
 
 
 def flux(seed: int = 0):
-    return tf._built(comfy.supported_models.Flux(dict(tf.FLUX_UNET, txt_ids_dims=[])), seed)
+    return tf.model("flux", seed)
 
 
 def zimage(seed: int = 0):
-    return tf._built(comfy.supported_models.ZImage(dict(ZIMAGE_UNET)), seed)
+    return tf.model("zimage", seed)
 
 
 def text_cond(seed: int, tokens: int = 12, width: int = 64):
@@ -85,11 +79,7 @@ def zimage_controlnet(seed: int = 8, version: str = "1"):
 
 
 def wan_vae(seed: int = 5):
-    """A tiny Wan 2.1 VAE through ComfyUI 0.33's VAE loader (it reads the width from the file)."""
-    net = comfy.ldm.wan.vae.WanVAE(dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
-                                   temperal_downsample=[False, True, True], dropout=0.0)
-    _init_weights(net, seed)
-    return comfy.sd.VAE(sd=net.state_dict(), device=CPU, dtype=torch.float32)
+    return tf.vae("qwen", seed)
 
 
 def flux_vae(seed: int = 5):
