@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 
 import comfy.model_management
-import comfy.multigpu
 
 
 def device_models(model_options) -> dict | None:
@@ -35,6 +34,7 @@ def main_device_options(model_options) -> dict:
 
 def assign(batches, model_options) -> dict:
     """{device: [batch, ...]}: consecutive runs of batches, as many per device as its relative speed asks."""
+    import comfy.multigpu  # only where ComfyUI has MultiGPU (it made the clones): not in 0.3.64
     work = comfy.multigpu.load_balance_devices(model_options, len(batches)).work_per_device
     out, start = {}, 0
     for device, count in work.items():
