@@ -10,7 +10,7 @@ from ..sampling.conditioning import VARIABLE_PROMPTS, along_chain, same_length
 from ..sampling.collage import GRAPHS, FactorGraphPlan
 from .cubemap_layout import convert_image, layout_input
 from .schema import schema
-from .window_planner import LATENT_CELL_PX, canvas_inputs, canvas_size, plan_output, plan_outputs
+from .window_planner import LATENT_CELL_PX, canvas_inputs, canvas_size, plan_output, plan_outputs, positions_input
 
 
 PROMPT_MODES = ("one for all", "per factor", "interpolate")
@@ -106,6 +106,7 @@ class FactorGraphCollage(io.ComfyNode):
                                                "preview). The latent and the ControlNet condition are always the "
                                                "strip: convert a condition from another tool with Cubemap Layout "
                                                "before Apply ControlNet.", optional=True),
+                positions_input(),
             ],
             outputs=plan_outputs("factors"),
         )
@@ -114,7 +115,7 @@ class FactorGraphCollage(io.ComfyNode):
     def execute(cls, graph, width, height, window_width, window_height, overlap, direction, anchor_index,
                 prompt_mode="one for all", prompts="", variable_prompts="mean", clip=None, known_pixels="replacement",
                 reconstruction_weight=1.0, order="joint", image=None, latent=None,
-                factor_conditioning=None, cubemap_layout="strip") -> io.NodeOutput:
+                factor_conditioning=None, cubemap_layout="strip", positions="window-local") -> io.NodeOutput:
         if graph == "cubemap" and image is not None:
             image = convert_image(image, cubemap_layout, "strip")
         if graph == "cubemap":
@@ -125,7 +126,7 @@ class FactorGraphCollage(io.ComfyNode):
         def make_plan():
             plan = FactorGraphPlan(graph, (height, width), (window_height, window_width), overlap, direction,
                                    anchor_index, variable_prompt=variable_prompts, known_pixels=known_pixels,
-                                   reconstruction_weight=reconstruction_weight, order=order)
+                                   reconstruction_weight=reconstruction_weight, order=order, positions=positions)
             if prompt_mode == "one for all":
                 return plan
             latent_hw = (height // LATENT_CELL_PX, width // LATENT_CELL_PX)

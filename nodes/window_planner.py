@@ -7,6 +7,7 @@ from comfy_api.latest import io, ui
 import comfy.utils
 
 from ..sampling import PlanError, WindowPlan
+from ..sampling.plans import POSITIONS
 from ..sampling.preview import draw_plan
 from . import bridge
 from .schema import WindowPlanType, schema
@@ -49,17 +50,27 @@ class WindowPlanner(io.ComfyNode):
                                tooltip="How overlapping windows are averaged: uniform (MultiDiffusion) or feather "
                                        "(weights ramp down over the overlap toward each window's edge)."),
                 *canvas_inputs(),
+                positions_input(),
             ],
             outputs=plan_outputs("windows"),
         )
 
     @classmethod
     def execute(cls, width, height, window_width, window_height, stride, anchor, anchor_index, blend,
-                image=None, latent=None) -> io.NodeOutput:
+                image=None, latent=None, positions="window-local") -> io.NodeOutput:
         height, width = canvas_size(width, height, image, latent)
         return plan_output(cls, lambda: WindowPlan((height, width), (window_height, window_width),
-                                                               (stride, stride), anchor, anchor_index, blend),
+                                                               (stride, stride), anchor, anchor_index, blend,
+                                                               positions),
                            image, latent)
+
+
+def positions_input():
+    return io.Combo.Input("positions", options=list(POSITIONS), default="window-local", optional=True,
+                          tooltip="DiTs (Flux, Flux.2, Z-Image): window-local gives each window the positions of an "
+                                  "image of its size (MultiDiffusion); canvas-global gives it its own positions in the "
+                                  "canvas, as a model call on the whole canvas would (ComfyUI's rope_options; one "
+                                  "window per model call). Loops and cubemaps keep window-local.")
 
 
 def canvas_inputs():

@@ -7,7 +7,7 @@ from .conditional import METHODS, ORDERS
 from .conditioning import VARIABLE_PROMPTS, region_prompts
 from .cubemap import cubemap_plan, face_prompts
 from .factor_graphs import chain_factors, corner_grid_factors, cycle_factors, factor_region_plan, grid_factors
-from .plans import PlanError, RegionPlan, _cells, check_patch_grid
+from .plans import PlanError, RegionPlan, _cells, check_patch_grid, check_positions
 
 GRAPHS = ("chain", "cycle", "grid", "corner_grid", "cubemap")
 
@@ -29,6 +29,7 @@ class FactorGraphPlan:
     known_pixels: str = "replacement"   # how a noise-masked latent's known cells are kept (METHODS)
     reconstruction_weight: float = 1.0  # w of Reconstruction: D - (w/2) grad ||H D - y||^2
     order: str = "joint"            # joint (DiffCollage) or autoregressive (window after window, the baseline)
+    positions: str = "window-local"  # POSITIONS (plans.py); loops and cubemaps have no canvas positions
 
     def __post_init__(self):
         if self.graph not in GRAPHS:
@@ -61,6 +62,12 @@ class FactorGraphPlan:
             raise PlanError(f"known_pixels must be one of {METHODS}, got {self.known_pixels!r}")
         if self.order not in ORDERS:
             raise PlanError(f"order must be one of {ORDERS}, got {self.order!r}")
+        check_positions(self.positions)
+        if self.positions == "canvas-global" and self.graph in ("cycle", "cubemap"):
+            raise PlanError(f"positions: a {'loop' if self.graph == 'cycle' else 'cubemap'} keeps window-local positions: "
+                            f"it has no edge to count canvas positions from, so they would jump where it wraps (a seam "
+                            f"the loop exists to avoid){'' if self.graph == 'cycle' else ' and turn between faces'}. "
+                            f"Use 'window-local'.")
         if self.reconstruction_weight < 0:
             raise PlanError(f"reconstruction_weight must be >= 0, got {self.reconstruction_weight}")
         if self.variable_prompt not in VARIABLE_PROMPTS:
@@ -81,6 +88,9 @@ class FactorGraphPlan:
                                 f"of the window ({w} px): e.g. {max(2, round(size / w)) * w}; got {size}")
 
     def layout(self, latent_hw: tuple[int, int], factor: int = 8, multiple: int = 1) -> RegionPlan:
+        return replace(self._layout(latent_hw, factor, multiple), positions=self.positions)
+
+    def _layout(self, latent_hw: tuple[int, int], factor: int, multiple: int) -> RegionPlan:
         H, W = latent_hw
         if (H * factor, W * factor) != tuple(self.canvas_px):
             raise PlanError(

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 ANCHORS = ("first", "middle", "index")
 BLENDS = ("uniform", "feather")
+# the positions a DiT gives each window: those of an image of the window's size, or the window's own in the canvas
+POSITIONS = ("window-local", "canvas-global")
 
 
 class PlanError(ValueError):
@@ -95,6 +97,7 @@ class RegionPlan:
     factors_of: tuple[tuple[int, ...], ...] = ()   # per region, the factors containing it (empty: each its own)
     prompts: tuple = ()     # per region, a text embedding replacing the positive prompt's (empty: none)
     pooled: tuple = ()      # per region, its pooled text embedding (SDXL, SD3, Flux), with `prompts` (empty: none)
+    positions: str = "window-local"  # POSITIONS: canvas-global regions are single, unturned blocks of the canvas
 
     def __post_init__(self):
         if len(self.coefficients) != len(self.regions):
@@ -104,6 +107,10 @@ class RegionPlan:
         for name in ("factors_of", "prompts", "pooled"):
             if getattr(self, name) and len(getattr(self, name)) != len(self.regions):
                 raise PlanError(f"{len(self.regions)} regions but {len(getattr(self, name))} {name}")
+        check_positions(self.positions)
+        if self.positions == "canvas-global" and any(r.rect is None for r in self.regions):
+            raise PlanError("positions 'canvas-global': a region wraps around the canvas edge or is turned (loops, "
+                            "cubemaps), so it has no one position in the canvas")
 
 
 @dataclass(frozen=True)
@@ -119,6 +126,7 @@ class WindowPlan:
     anchor: str = "first"
     anchor_index: int = 0
     blend: str = "uniform"
+    positions: str = "window-local"
 
     def __post_init__(self):
         validate_window_plan(self)
@@ -139,7 +147,8 @@ class WindowPlan:
         xs = window_starts(W, window[1], stride[1])
         regions = tuple(rect_region(y, x, window[0], window[1]) for y in ys for x in xs)
         feather = max(window[0] - stride[0], window[1] - stride[1], 0) if self.blend == "feather" else 0
-        return RegionPlan((H, W), regions, (1.0,) * len(regions), feather, self.anchor_position(len(regions)))
+        return RegionPlan((H, W), regions, (1.0,) * len(regions), feather, self.anchor_position(len(regions)),
+                          positions=self.positions)
 
     def anchor_position(self, count: int) -> int:
         if self.anchor == "first":
@@ -201,3 +210,9 @@ def validate_window_plan(plan: WindowPlan) -> None:
         raise PlanError(f"anchor_index must be >= 0, got {plan.anchor_index}")
     if plan.blend not in BLENDS:
         raise PlanError(f"blend must be one of {BLENDS}, got {plan.blend!r}")
+    check_positions(plan.positions)
+
+
+def check_positions(positions: str) -> None:
+    if positions not in POSITIONS:
+        raise PlanError(f"positions must be one of {POSITIONS}, got {positions!r}")

@@ -6,14 +6,15 @@
     ~/comfy/venv/bin/python tests/benchmark_sync.py --measure-loss-memory  # the loss's bytes per decoded pixel
 
 For each plan: the unsynced run's time, and for each sync mode (exact: the gradient through CFG, the
-ControlNet, the UNet and the decoder; fast: one model evaluation per window, the gradient through the
-decoder and LPIPS only) its time ratio to the unsynced run, its peak memory, and the coherence it buys
+ControlNet, the UNet and the decoder; fast: the gradient through the decoder and LPIPS only, plus one more
+forward evaluation per window for the model's slope) its time ratio to the unsynced run, its peak memory, and the coherence it buys
 (mean LPIPS of every window to the anchor window in the decoded result), ddim 50 steps with the papers'
 sync (w 20, decay 0.95, the first 10 of 50 steps).
 
 Next to each measured ratio, the bound: the same run's cost computed from per-call times of its parts,
 measured here at the batch sizes the run uses - the UNet + ControlNet forward and backward of a gradient
-batch, the decoder's forward and backward, LPIPS's forward and backward, the anchor's decode - added to the
+batch (fast: its forward), the decoder's forward and backward, LPIPS's forward and backward, the anchor's
+decode - added to the
 unsynced run: what a perfect implementation of that mode would take. `measured / bound` near 1 means the
 mode spends nothing beyond its unavoidable work.
 
@@ -199,7 +200,8 @@ def bound_ratio(off_seconds, row, mode):
     """The unsynced run plus, per synced step, the parts a perfect implementation of `mode` must run."""
     p, batch = row["parts"], row["gradient_batch"]
     batches = -(-(row["windows"] - 1) // batch)
-    per_batch = p["decoder_fwd_bwd"] + p["lpips_fwd_bwd"] + (p["unet_fwd_bwd"] if mode == "exact" else 0.0)
+    # exact: the model's forward and backward; fast: its one forward evaluation at the probe latent
+    per_batch = p["decoder_fwd_bwd"] + p["lpips_fwd_bwd"] + (p["unet_fwd_bwd"] if mode == "exact" else p["unet_fwd"])
     per_step = batches * per_batch + p["decode_one"]
     return (off_seconds + row["synced_steps"] * per_step) / off_seconds
 

@@ -368,23 +368,6 @@ def test_dit_windows_get_the_positions_of_an_image_of_their_own(f, family):
         assert torch.equal(ids, alone[k % len(alone)]), (family, k)
 
 
-def test_model_patch_controlnets_are_refused_until_cropped_per_window(f):
-    """ComfyUI 0.33's Z-Image Fun ControlNet (ModelPatchLoader -> ZImageFunControlnet) holds its control image on
-    the MODEL and resizes it to each call's latent: every window would get the whole canvas' control. Refused at
-    the sampler and at Windowed Model with a message naming it; the same model without the patch samples."""
-    from comfy_extras.nodes_model_patch import ZImageFunControlnet
-    w = world(f, "zimage")
-    with torch.inference_mode():
-        patched = ZImageFunControlnet().diffsynth_controlnet(w["model"], f.tf.zimage_fun_controlnet(), w["vae"], f.image,
-                                                             1.0)[0]
-    message = r"model: a Z-Image Fun ControlNet is applied to this MODEL as a model patch \(ZImageControlPatch\).*not cropped"
-    with pytest.raises(ValueError, match=message):
-        sample(f, dict(w, model=patched), steps=1)
-    with pytest.raises(ValueError, match=message):
-        f.Windowed.execute(patched, f.plan, 0)
-    assert bool(torch.isfinite(sample(f, w, steps=1)).all())
-
-
 # --- reference latents (edit models): the image being edited, cropped per window -----------------------
 
 @pytest.mark.parametrize("family", ["qwen_edit", "flux2_klein"])

@@ -54,8 +54,8 @@ def hand_weights(steps):
 
 
 # within float32 rounding of the result's largest value (the pack and the reference add up the same numbers in
-# another order; ComfyUI hands model outputs back in float32): ~1e-6 is seen, the sync moves results by ~1e-2
-EXACT = 2e-5
+# another order): at most 6e-6 is seen; the sync's moves are 1.2e-3 to 5.6e-3 of it
+EXACT = 4e-5
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +177,7 @@ def test_sampler_equals_the_papers_algorithm(s, small, sampler, steps, kind):
     print(f"[samplers] {kind} {sampler} {steps} steps: max |pack - reference| over the steps = {error:.1e} "
           f"(relative {error / scale:.1e}); the sync's largest canvas move {moves:.3f} (relative {moves / scale:.1e})")
     assert error < EXACT * scale
-    assert moves > 20 * EXACT * scale  # not vacuous: a move the pack missed would show far above the bound
+    assert moves > 10 * EXACT * scale  # not vacuous: a move the pack missed would show far above the bound
 
 
 def gradient_pass_counter(record):
@@ -244,7 +244,7 @@ def test_split_sigmas_sync_the_steps_of_the_whole_schedule(s, small):
     unsynced = custom_run(s, small, world, sigmas, None)["samples"]
     error, moved = (whole - halves).abs().max().item(), (whole - unsynced).abs().max().item()
     print(f"[samplers] split at 2 of 20: max |whole - halves| = {error:.1e}; sync moved the result by {moved:.3f}")
-    assert error < EXACT * whole.abs().max().item() and moved > 20 * EXACT * whole.abs().max().item()
+    assert error < EXACT * whole.abs().max().item() and moved > 10 * EXACT * whole.abs().max().item()
 
 
 def test_the_papers_ddim_timesteps_as_sigmas_sync_their_first_10_steps(s, small):

@@ -331,14 +331,3 @@ def _flux2_vae(seed: int):
 def cell_px(family: str) -> int:
     """Pixels per latent cell of the family's VAE."""
     return CELL_PX.get(family, 8)
-
-
-def zimage_fun_controlnet(seed: int = 1):
-    """A Z-Image Fun ControlNet as ModelPatchLoader makes it (ZImage_Control in a CoreModelPatcher), tiny: the
-    width and heads of the tiny Z-Image, one control layer."""
-    import comfy.ldm.lumina.controlnet
-    net = comfy.ldm.lumina.controlnet.ZImage_Control(dim=ZIMAGE_UNET["dim"], n_heads=ZIMAGE_UNET["n_heads"],
-                                                     n_kv_heads=ZIMAGE_UNET["n_kv_heads"], n_control_layers=1,
-                                                     device="cpu", dtype=torch.float32, operations=OPS)
-    _init_weights(net, seed)
-    return comfy.model_patcher.CoreModelPatcher(net, load_device=CPU, offload_device=CPU)

@@ -7,6 +7,9 @@
   steps           step tracking: evaluations counted, each step's first found, the sync's move applied to x
   passes          the CALC_COND_BATCH wrapper: regions cropped, denoised in batches, merged
   conds           conds cut to windows: masks, areas, prompts, ControlNet copies with hint crops
+  model_patches   ControlNets on the MODEL (0.33's model patches) cut to windows: per-batch copies, crops encoded
+  positions       canvas-global positions: rope_options shifted per window call
+  devices         MultiGPU work units: window batches over the devices' model clones in core's thread pool
   memory          windows per model call and per gradient graph; out of memory halves and retries
   autograd        gradients inside ComfyUI's inference mode, weights aliased, never copied
   sync            AnchorSync's gradient passes toward the anchor

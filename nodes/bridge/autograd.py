@@ -57,12 +57,13 @@ def differentiable(modules, copy_saved: bool = False):
     autograd cannot save for backward; while the gradient pass runs, each is replaced by a plain tensor
     aliasing the same memory (no copy), and the user's own tensors are put back afterwards, whatever
     happens. Nothing is swapped outside this block, so ComfyUI may move or patch weights between steps.
-    `copy_saved`: keep a copy of every activation autograd saves (see _saved_copy).
-    ComfyUI 0.33 runs RoPE (Flux, Qwen-Image, Wan, Lumina/Z-Image, ...) and int8 linears through
-    comfy-kitchen kernels that have no backward unless `comfy.model_management.in_training` is set (its own
-    training node sets it the same way): set while the gradient pass runs, restored afterwards."""
+    `copy_saved`: keep a copy of every activation autograd saves (see _saved_copy); a weight saved as a view of
+    a buffer is always copied (see _is_cast_view).
+    ComfyUI 0.33 runs RoPE (Flux, Qwen-Image, Lumina / Z-Image, ...) and int8 linears through comfy-kitchen
+    kernels that have no backward unless `comfy.model_management.in_training` is set, as its own training node
+    sets it: set while the gradient pass runs, restored afterwards."""
     swapped, seen = [], set()
-    hooks = torch.autograd.graph.saved_tensors_hooks(_saved_copy, _saved_value) if copy_saved else contextlib.nullcontext()
+    hooks = torch.autograd.graph.saved_tensors_hooks(_saved_copy if copy_saved else _saved_cast_copy, _saved_value)
     training = getattr(comfy.model_management, "in_training", None)
     with torch.inference_mode(False), torch.enable_grad(), hooks:
         try:
@@ -90,8 +91,25 @@ def differentiable(modules, copy_saved: bool = False):
 def _saved_copy(t):
     """Model code written for inference adds in place to activations that autograd saved for backward (Flux's
     single-stream blocks, the ControlNet residuals of Flux, SD3 and Qwen-Image): a copy of each saved activation
-    keeps the value the backward pass needs. Weights and constants (no grad) are never modified: kept as is."""
-    return t.clone() if t.requires_grad else t
+    keeps the value the backward pass needs. Weights and constants (no grad) are kept as they are, but for
+    weights cast into a reused buffer (_saved_cast_copy)."""
+    return t.clone() if t.requires_grad else _saved_cast_copy(t)
+
+
+def _saved_cast_copy(t):
+    return t.clone() if not t.requires_grad and _is_cast_view(t) else t
+
+
+def _is_cast_view(t) -> bool:
+    """Whether `t` views another tensor's memory. A layer's weight is one when ComfyUI casts it for the call into
+    a buffer the next layers' casts overwrite: dynamic VRAM's cast buffers and vbar pages (comfy/ops.py
+    cast_modules_with_vbar: views of raw allocations) and lowvram's per-stream cast buffers (get_cast_buffer).
+    Autograd would run backward on whatever the buffer holds then. Parameters, aliased or not, are no views; a
+    quantized weight (comfy-kitchen's QuantizedTensor) is one when its inner data is."""
+    if hasattr(type(t), "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return any(getattr(t, n)._base is not None for n in names)
+    return t._base is not None
 
 
 def _saved_value(t):
@@ -117,6 +135,22 @@ def autograd_copy(obj):
 
 
 def _alias(t: torch.Tensor) -> torch.Tensor:
-    """A normal tensor viewing an inference tensor's memory."""
+    """A normal tensor viewing an inference tensor's memory, of the same class: a wrapper subclass without
+    storage of its own (comfy-kitchen's QuantizedTensor, ComfyUI 0.33's quantized and mixed-precision weights)
+    rebuilt around aliases of its inner tensors, a subclass keeping its data in its own storage (ComfyUI-GGUF's
+    GGMLTensor) re-classed with its attributes (its quantization type and logical shape)."""
+    cls = type(t)
+    if cls in (torch.Tensor, torch.nn.Parameter):
+        return _storage_alias(t)
+    if hasattr(cls, "__tensor_flatten__"):
+        names, ctx = t.__tensor_flatten__()
+        inner = {n: _alias(getattr(t, n)) if getattr(t, n).is_inference() else getattr(t, n) for n in names}
+        return cls.__tensor_unflatten__(inner, ctx, t.size(), t.stride())
+    alias = _storage_alias(t).as_subclass(cls)
+    alias.__dict__.update(t.__dict__)
+    return alias
+
+
+def _storage_alias(t: torch.Tensor) -> torch.Tensor:
     alias = torch.empty(0, dtype=t.dtype, device=t.device)
     return alias.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())

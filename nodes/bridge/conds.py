@@ -52,15 +52,15 @@ class WindowConds:
         self.controls = {}        # (id(control), batch, B) -> (control, chain copy)
         self.texts = {}           # (id(positive entry), region) -> the region's prompt as the model takes it
 
-    def crop(self, cond_list, batch, B, role):
+    def crop(self, cond_list, batch, B, role, device=None):
         out = []
         for d in cond_list:
-            w = self._crop_one(d, batch, B, role)
+            w = self._crop_one(d, batch, B, role, device)
             if w is not None:
                 out.append(w)
         return out
 
-    def _crop_one(self, d, batch, B, role):
+    def _crop_one(self, d, batch, B, role, device):
         if "gligen" in d:
             raise ValueError("positive/negative: GLIGEN box conditioning is placed on the whole canvas and "
                              "cannot be split into ControlSync windows; remove the GLIGEN node.")
@@ -88,7 +88,7 @@ class WindowConds:
             if y is not None and "unclip_conditioning" not in d and (pooled or isinstance(self.model, SIZE_CONDITIONED)):
                 w["model_conds"]["y"] = window_adm(self.model, d, y, self.plan, batch, B, pooled)
         if d.get("control") is not None:
-            w["control"] = self._control_chain(d["control"], batch, B)
+            w["control"] = self._control_chain(d["control"], batch, B, device)
         return w
 
     def _canvas_sized(self, t, name):
@@ -135,9 +135,12 @@ class WindowConds:
             self.texts[key] = converted["model_conds"]["c_crossattn"].cond
         return self.texts[key]
 
-    def _control_chain(self, control, batch, B):
+    def _control_chain(self, control, batch, B, device=None):
         """One chain of ControlBase copies per batch of regions, shared by every cond carrying `control`
-        (ComfyUI batches cond with uncond only when they carry the same control object)."""
+        (ComfyUI batches cond with uncond only when they carry the same control object); copied from the
+        instance ComfyUI's MultiGPU made for `device` (its chain links to that device's instances)."""
+        if device is not None:
+            control = control.get_instance_for_device(device)
         key = (id(control), batch, B)
         if key not in self.controls:
             chain, node = [], control

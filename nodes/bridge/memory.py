@@ -21,8 +21,18 @@ def auto_window_batch(model, plan, conds, latent_shape, free_memory: float, grad
     """Windows per model call for `free_memory` bytes: as many as fit with ComfyUI's own 1.5x margin, from
     ComfyUI's own estimate of one window's model call (twice that with ControlNets). A gradient pass keeps
     its activations for backward (twice again where each saved activation is copied: DiTs, see autograd.py)
-    and adds the loss's decoder and LPIPS per decoded pixel; `cast_weights`: bytes of weights a partly
-    loaded (lowvram) model casts per layer, which backward keeps - once per graph, not per window."""
+    and adds the loss's decoder and LPIPS per decoded pixel; `cast_weights`: bytes of weights a partly loaded
+    (lowvram) or streamed (dynamic VRAM) model casts per layer, which backward keeps copies of - once per graph,
+    not per window."""
+    per_window = window_bytes(model, plan, conds, latent_shape, gradient, loss_bytes_per_pixel, copies_saved)
+    if gradient:
+        free_memory = free_memory - 1.5 * cast_weights
+    return max(1, math.floor(free_memory / (1.5 * per_window)))
+
+
+def window_bytes(model, plan, conds, latent_shape, gradient: bool = False, loss_bytes_per_pixel: float | None = None,
+                 copies_saved: bool = False) -> float:
+    """The estimated bytes one more window adds to a model call, or to a gradient graph (`gradient`)."""
     h, w = max(r.size for r in plan.regions)
     n_conds = sum(c is not None for c in conds)
     shape = [latent_shape[0] * max(n_conds, 1), latent_shape[1], h, w]
@@ -34,8 +44,7 @@ def auto_window_batch(model, plan, conds, latent_shape, free_memory: float, grad
         activations = GRADIENT_MEMORY_FACTOR * (2 if copies_saved else 1)
         loss = LOSS_BYTES_PER_PIXEL if loss_bytes_per_pixel is None else loss_bytes_per_pixel
         per_window = per_window * activations + loss * latent_shape[0] * h * w * factor ** 2
-        free_memory = free_memory - 1.5 * cast_weights
-    return max(1, math.floor(free_memory / (1.5 * per_window)))
+    return per_window
 
 
 def automatic_batch(model, plan, conds, x_in, gradient=False, loss_bytes_per_pixel=None) -> int:
@@ -48,9 +57,20 @@ def automatic_batch(model, plan, conds, x_in, gradient=False, loss_bytes_per_pix
     patcher = getattr(model, "current_patcher", None)
     cast = 0.0
     if patcher is not None and gradient:
-        cast = max(0.0, float(patcher.model_size() - patcher.loaded_size()))
-    return auto_window_batch(model, plan, conds, x_in.shape, comfy.model_management.get_free_memory(x_in.device),
-                             gradient, loss_bytes_per_pixel, gradient and adds_in_place(model), cast)
+        cast = streamed_weight_bytes(patcher)
+    # ComfyUI's own cond batching asks the patcher: under dynamic VRAM it counts the weights it may evict
+    free = patcher.get_free_memory(x_in.device) if patcher is not None else comfy.model_management.get_free_memory(x_in.device)
+    return auto_window_batch(model, plan, conds, x_in.shape, free, gradient, loss_bytes_per_pixel,
+                             gradient and adds_in_place(model), cast)
+
+
+def streamed_weight_bytes(patcher) -> float:
+    """Bytes of weights a gradient graph keeps copies of (autograd.py's _is_cast_view): under dynamic VRAM
+    (comfy-aimdo, ComfyUI 0.33's default on GPUs) every streamed layer's weight is a view of a cast buffer or a
+    vbar page, so the whole model; otherwise the part a lowvram load left out of VRAM."""
+    if getattr(patcher, "is_dynamic", lambda: False)():
+        return float(patcher.model_size())
+    return max(0.0, float(patcher.model_size() - patcher.loaded_size()))
 
 
 def is_out_of_memory(error: BaseException) -> bool:

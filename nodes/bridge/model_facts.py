@@ -5,6 +5,7 @@ import comfy.model_base
 import comfy.model_sampling
 
 from ...sampling import PlanError
+from .model_patches import refuse_unwindowed, spatial_patches
 
 # models whose adm vector carries SDXL's size conditioning (original size, crop, target size)
 SIZE_CONDITIONED = (comfy.model_base.SDXL, comfy.model_base.SDXLRefiner)
@@ -48,30 +49,17 @@ def layout_for(plan, model, latent_shape):
         raise ValueError(f"plan / latent_image: {e}") from None
 
 
-# ComfyUI 0.33's ControlNets as MODEL patches (ModelPatchLoader + ZImageFunControlnet / QwenImageDiffsynthControlnet,
-# SUPIR, Anima LLLite, Wan Uni3C): they hold their control image on the model and resize it to whatever latent a
-# call gets, so every window would get the whole canvas' control squashed into it; not cropped per window yet
-_CONTROL_PATCHES = {"ZImageControlPatch": "Z-Image Fun ControlNet", "DiffSynthCnetPatch": "Qwen-Image DiffSynth ControlNet",
-                    "SUPIRPatch": "SUPIR", "AnimaLLLitePatch": "Anima LLLite", "WanUni3CCnetPatch": "Wan Uni3C ControlNet"}
-
-
 def refuse_unsupported(model_options: dict) -> None:
     """Model options windows cannot run under, refused with what to do instead."""
-    for kind in model_options.get("transformer_options", {}).get("patches", {}).values():
-        for patch in kind if isinstance(kind, (list, tuple)) else ():
-            name = _CONTROL_PATCHES.get(type(patch).__name__)
-            if name is not None:
-                raise ValueError(f"model: a {name} is applied to this MODEL as a model patch ({type(patch).__name__}); "
-                                 f"it holds the control image on the model and would give every ControlSync window "
-                                 f"the whole canvas' control squashed into it: model-patch ControlNets are not cropped "
-                                 f"per window yet. Sample this model without ControlSync, or without the patch.")
+    refuse_unwindowed(model_options)
     if model_options.get("context_handler") is not None:
         raise ValueError("model: ComfyUI's context windows are active on this MODEL (a context-window node is "
                          "upstream); they do not crop ControlNet hints and cannot be combined with ControlSync "
                          "windows. Remove the context-window node, or sample without ControlSync.")
-    if "multigpu_clones" in model_options:
-        raise ValueError("model: this MODEL is set up for ComfyUI's multi-GPU sampling; ControlSync windows need "
-                         "one device. Remove the multi-GPU node for this sampler.")
+    if len(model_options.get("multigpu_clones") or ()) > 1 and spatial_patches(model_options):
+        raise ValueError("model: this MODEL samples on several GPUs (MultiGPU CFG Split) and carries a model-patch "
+                         "ControlNet, whose network ComfyUI keeps on the main GPU only. Remove the MultiGPU node, or "
+                         "apply the ControlNet as a regular ControlNet.")
     if "sampler_calc_cond_batch_function" in model_options:
         raise ValueError("model: a node upstream replaces ComfyUI's cond batching (sampler_calc_cond_batch_function); "
                          "ControlSync windows run inside it and cannot be combined with that node.")

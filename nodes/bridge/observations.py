@@ -20,6 +20,7 @@ from ...sampling.lowpass import AreaDownsample
 from .autograd import adds_in_place, autograd_copy, control_modules, differentiable, gradient_options
 from .memory import halving_batches
 from .model_facts import latent_geometry
+from .model_patches import patch_modules
 from .passes import batches_of, guided_x0
 
 
@@ -213,7 +214,8 @@ def _collage_gradient(run, model, conds, x_in, timestep, model_options, residual
     touching = [i for i, c in enumerate(plan.coefficients) if c != 0 and bool(gather(residual, plan.regions[i]).any())]
     moves = None if sync is None else sync.moves  # the fast mode's regions are evaluated unmoved and shifted
     total = []
-    with differentiable([model.diffusion_model] + control_modules(conds), copy_saved=adds_in_place(model)):
+    with differentiable([model.diffusion_model] + control_modules(conds) + patch_modules(model_options),
+                        copy_saved=adds_in_place(model)):
         options = gradient_options(model_options)
 
         def one_batch(batch):

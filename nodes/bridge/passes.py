@@ -22,7 +22,9 @@ import comfy.model_management
 
 from ...sampling import MergeRule
 from .conds import stack_regions
+from .devices import assign, device_models, device_options, main_device_options, run_on_devices
 from .model_facts import refuse_unsupported
+from .positions import offset
 from .run import Focus, Key, RunContext, RunState, current_focus, current_run, focused_layout
 
 
@@ -50,8 +52,9 @@ def region_pass(run, focus, executor, model, conds, x, timestep, model_options):
     records = run.current_evaluation().outputs.setdefault(Key("regions", model_options, *conds), {})
     if focus.reuse and all(i in records for i in focus.regions):
         return [torch.cat([records[i][ci] for i in focus.regions]) for ci in range(len(conds))]
-    outs = executor(model, run.crop_conds(conds, focus.regions, x.shape[0] // len(focus.regions)), x, timestep,
-                    model_options)
+    B = x.shape[0] // len(focus.regions)
+    outs = executor(model, run.crop_conds(conds, focus.regions, B), x, timestep,
+                    main_device_options(run.crop_options(model_options, focus.regions, B)))
     if focus.record:
         for i, parts in zip(focus.regions, zip(*[o.chunk(len(focus.regions)) for o in outs])):
             records[i] = list(parts)
@@ -112,19 +115,42 @@ def denoise_regions(run, executor, model, conds, x_in, timestep, model_options, 
             outputs[i] = records[i]
         else:
             todo.append(i)
-    for batch in batches_of(plan, todo, run.denoise_batch_size(model, conds, x_in)):
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        x_w = stack_regions(x_in, [plan.regions[i] for i in batch], B)
-        if moves is not None:
-            x_w = x_w - torch.cat([moves[i] for i in batch]).to(x_w)
-        t_w = timestep if len(batch) == 1 else timestep.repeat(len(batch))
-        outs = executor(model, run.crop_conds(conds, batch, B), x_w, t_w, model_options)
+    batches = batches_of(plan, todo, run.denoise_batch_size(model, conds, x_in))
+    models = device_models(model_options)
+    results = {}
+    if models is None:
+        for batch in batches:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            results[batch] = executor(model, *window_call(run, batch, conds, x_in, timestep, model_options, moves))
+    else:  # ComfyUI's MultiGPU work units: runs of batches on each device's model clone (devices.py)
+        jobs = {device: [(batch, on_device(executor, models[device],
+                                           window_call(run, batch, conds, x_in, timestep, model_options, moves, device)))
+                         for batch in runs] for device, runs in assign(batches, model_options).items()}
+        results = run_on_devices(jobs, model_options, x_in.device)
+    for batch in batches:
+        outs = results[batch]
         for ci, out in enumerate(outs):
             for i, part in zip(batch, out.chunk(len(batch))):
                 outputs.setdefault(i, [None] * len(outs))[ci] = part
     if sync is not None and sync.shifts is not None:
         outputs = {i: [o - sync.shifts[i].to(o) for o in parts] for i, parts in outputs.items()}
     return outputs
+
+
+def window_call(run, batch, conds, x_in, timestep, model_options, moves=None, device=None):
+    """(conds, x, timestep, model options) of one model call on a batch of regions, at their moved latents; the
+    conds with `device`'s ControlNet instances."""
+    B = x_in.shape[0]
+    x_w = stack_regions(x_in, [run.ctx.plan.regions[i] for i in batch], B)
+    if moves is not None:
+        x_w = x_w - torch.cat([moves[i] for i in batch]).to(x_w)
+    t_w = timestep if len(batch) == 1 else timestep.repeat(len(batch))
+    return run.crop_conds(conds, batch, B, device), x_w, t_w, run.crop_options(model_options, batch, B)
+
+
+def on_device(executor, model, call):
+    conds, x, t, options = call
+    return lambda device: executor(model, conds, x.to(device), t.to(device), device_options(options, device))
 
 
 def merge_outputs(run, outputs, x_in) -> list:
@@ -142,11 +168,12 @@ def merge_outputs(run, outputs, x_in) -> list:
 
 def batches_of(plan, indices, size):
     """Runs of region indices to evaluate in one call; only regions of one size batch together (factor
-    graphs mix factor and variable sizes), and per-region prompts of one token count (CLIP pads, T5 and
-    Qwen cannot)."""
+    graphs mix factor and variable sizes), per-region prompts of one token count (CLIP pads, T5 and
+    Qwen cannot), and with canvas-global positions regions at one offset (positions.py)."""
     by_size = {}
     for i in indices:
-        by_size.setdefault((plan.regions[i].size, plan.prompts[i].shape[-2] if plan.prompts else None), []).append(i)
+        key = (plan.regions[i].size, plan.prompts[i].shape[-2] if plan.prompts else None, offset(plan, i))
+        by_size.setdefault(key, []).append(i)
     size = max(1, size)
     return [tuple(ids[s:s + size]) for ids in by_size.values() for s in range(0, len(ids), size)]
 

@@ -13,6 +13,8 @@ from ...sampling.sync import locate, noise_level
 from .conds import WindowConds
 from .memory import automatic_batch
 from .model_facts import layout_for, parameterisation
+from .model_patches import WindowPatches
+from .positions import window_options
 
 # the run under way (its OUTER_SAMPLE wrapper sets it), and a call that evaluates only some regions
 current_run: contextvars.ContextVar["RunState | None"] = contextvars.ContextVar("controlsync_run", default=None)
@@ -82,6 +84,7 @@ class RunState:
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
         self.conds = WindowConds(ctx.plan, ctx.model)
+        self.patches = WindowPatches(ctx.plan)
         self.observations = ()       # conditioning observations kept this run (observations.py)
         self.evaluations = 0         # model evaluations the sampler made so far
         self.tracked = False         # counted at the sampler (else: each outermost call is one evaluation)
@@ -112,8 +115,14 @@ class RunState:
             return ["positive", "negative"][:len(conds)] + [None] * max(0, len(conds) - 2)
         return [named.get(id(c)) for c in conds]
 
-    def crop_conds(self, conds, batch, B) -> list:
-        return [None if c is None else self.conds.crop(c, batch, B, role) for c, role in zip(conds, self.roles(conds))]
+    def crop_conds(self, conds, batch, B, device=None) -> list:
+        """The conds cut to these regions; ControlNets as their instances for `device` (MultiGPU: devices.py)."""
+        return [None if c is None else self.conds.crop(c, batch, B, role, device) for c, role in zip(conds, self.roles(conds))]
+
+    def crop_options(self, model_options, batch, B) -> dict:
+        """The model options of a call on these regions: the MODEL's spatial model patches cut to them, and
+        their canvas positions when the plan asks for them."""
+        return window_options(self.patches.options(model_options, batch, B), self.ctx.plan, batch, self.ctx.model)
 
     def denoise_batch_size(self, model, conds, x_in) -> int:
         if self.denoise_batch is None:
@@ -140,6 +149,7 @@ class RunState:
 
     def close(self):
         self.conds.close()
+        self.patches.close()
 
 
 def has_area(conds) -> bool:

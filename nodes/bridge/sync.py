@@ -16,6 +16,7 @@ from ...sampling.sync import (factor_indices, jacobian_slope, kappa_bound, lpips
 from .autograd import adds_in_place, control_modules, differentiable, gradient_options
 from .loss_models import loss_path
 from .memory import halving_batches
+from .model_patches import patch_modules
 from .passes import batches_of, guided_x0
 
 _OUT_OF_MEMORY_ADVICE = ("Set Anchor Sync's loss_resolution to half, its loss_decoder to taesd or its gradient to "
@@ -45,7 +46,7 @@ def sync_moves(run, model, conds, x_in, timestep, model_options, sync) -> SyncMo
     decode, modules, loss, loss_bytes = loss_path(run.ctx.config.sync, model, x_in)
     batches = batches_of(plan, others, run.gradient_batch_size(model, conds, x_in, loss_bytes))
     if not fast:
-        modules = modules + [model.diffusion_model] + control_modules(conds)
+        modules = modules + [model.diffusion_model] + control_modules(conds) + patch_modules(model_options)
     # the anchor's x0, recorded: the denoising pass reuses it
     anchor_x0 = guided_x0(run, (plan.anchor,), latents[plan.anchor], timestep, model_options, record=True)
     bar = comfy.utils.ProgressBar(len(others))

@@ -11,6 +11,7 @@ from . import observations
 from .config import GuideSettings, SyncSettings, WindowedConfig
 from .model_facts import parameterisation, refuse_for_sync, refuse_unsupported
 from .passes import calc_cond_batch
+from .positions import check_model
 from .run import RunState, current_run, run_context
 from .steps import counted_sampler
 
@@ -23,6 +24,7 @@ def windowed_model(model, plan, window_batch: int = 0, sync: SyncSettings | None
     `schedule_position`: (offset, total) when the caller knows the run samples steps offset.. of a
     total-step schedule (KSampler's denoise), for AnchorSync's step count. `guide`: the Low-pass Guide."""
     refuse_unsupported(model.model_options)
+    check_model(plan, model)
     if sync is not None:
         parameterisation(model)  # refuse an unknown parameterisation before sampling starts
         refuse_for_sync(model.model_options)
