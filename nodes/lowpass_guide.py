@@ -36,7 +36,7 @@ class ControlSyncLowPass(io.ComfyNode):
                                tooltip="latent: compare in latent space, the canvas latent averaged onto y's latent "
                                        "grid against y's (cheap). pixels: decode the x0-prediction tile by tile and "
                                        "compare the downsampled image with y itself (reconstruction only: a decoder "
-                                       "has no pseudo-inverse; one decode and one backward pass of the canvas per step)."),
+                                       "has no pseudo-inverse; per step four tiled decodes of the canvas, one with its backward pass)."),
                 io.Float.Input("weight", default=1.0, min=0.0, max=10.0, step=0.05,
                                tooltip="Reconstruction's step w over the observation's gain (DiffCollage's lambda = "
                                        "w / 2g): 1 reaches y in one step where the model's Jacobian is the identity; "

@@ -105,12 +105,12 @@ def pixel_guide(guide, patcher, latent_shape, factor, cubemap):
 
 class DecodedLowPass:
     """H(x0) = A(decode(x0)), A area downsampling of the decoded canvas onto y's pixel grid. The decoder runs on
-    latent tiles of `tile` cells with `margin` cells of context each side (each tile's core is kept), so memory is
-    flat in the canvas size. Not linear: Reconstruction only. Its normal residual is J^T A^T (A decode(x0) - y), J
+    latent tiles of `tile` cells with `margin` cells of context each side (each tile's core is kept), so the
+    decoder's working memory does not grow with the canvas. Not linear: Reconstruction only. Its normal residual is J^T A^T (A decode(x0) - y), J
     the tiled decoder's Jacobian at x0 (one backward pass per tile), and its gain the Rayleigh quotient of H^T H
     along that residual e, ||A J e||^2 / ||e||^2 (J e by central differences): for a linear H with H H^T = g I
     this is g, the paper's gain; otherwise w 1 is the step that minimises the linearised error along e. Per step:
-    three decodes of the canvas and one backward pass, tile by tile."""
+    four decodes of the canvas, tile by tile: H x0, the one the backward pass runs through, and A J e's two sides."""
 
     def __init__(self, vae, latent_format, canvas_px, target, tile=32, margin=8):
         self.vae, self.tile, self.margin = vae, tile, margin
