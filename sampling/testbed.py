@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .conditional import Masking, project, reconstruct, reconstruction_correction
+from .conditional import project, reconstruct, reconstruction_correction
 from .merge import gather, merge
 from .plans import RegionPlan
 from .sync import SyncSchedule, jacobian_slope, kappa_bound, signal_scale, sync_deltas, window_sync_gradient

@@ -297,7 +297,7 @@ def test_anchorsync_workflow_converts(server, capsys):
     sync_id = by_type["AnchorSync"]
     assert prompt[sync_id]["inputs"] == {"vae": [by_type["CheckpointLoaderSimple"], 2], "weight": 20.0, "decay": 0.95,
                                          "sync_steps": 10, "lpips_net": "vgg", "gradient": "exact",
-                                         "loss_resolution": "half", "loss_decoder": "vae"}
+                                         "loss_resolution": "half", "loss_decoder": "vae", "count_from": "schedule"}
     report_id = by_type["ControlSyncCoherenceReport"]
     assert prompt.pop(report_id)["inputs"] == {"image": [by_type["VAEDecodeTiled"], 0], "crop": 512, "lpips_net": "vgg",
                                                "plan": [by_type["WindowPlanner"], 0], "condition": [by_type["LoadImage"], 0]}
@@ -379,7 +379,7 @@ def test_collage_loop_workflow_converts(server, capsys):
     assert prompt[by_type["AnchorSync"]]["inputs"] == {"vae": [by_type["CheckpointLoaderSimple"], 2], "weight": 20.0,
                                                       "decay": 0.95, "sync_steps": 10, "lpips_net": "vgg",
                                                       "gradient": "exact", "loss_resolution": "half",
-                                                      "loss_decoder": "vae"}
+                                                      "loss_decoder": "vae", "count_from": "schedule"}
     assert [collage[k] for k in ("graph", "width", "height", "window_width", "window_height", "overlap", "direction",
                                  "anchor_index", "prompt_mode")] == \
         ["cycle", 2048, 512, 512, 512, 256, "horizontal", 0, "one for all"]
@@ -607,6 +607,20 @@ def seam_score(pixels) -> float:
     return score(torch.from_numpy(pixels).permute(2, 0, 1))
 
 
+def grid_seam(pixels, borders) -> float:
+    """The pack's grid seam score (sampling/metrics.py) of an HxWx3 image at these row and column borders: ~1 when
+    the borders are as invisible as any pixel step."""
+    import torch
+    from comfy_host import load_sampling
+    load_sampling()
+    from controlsync_sampling.metrics import grid_seam_score
+    return grid_seam_score(torch.from_numpy(pixels).permute(2, 0, 1), rows=borders, columns=borders)
+
+
+# seam scores near 1 are invisible borders; a hard seam (a tile pasted without blending) scores 2-4 here
+SEAMLESS = 1.3
+
+
 @pytest.mark.parametrize("which", ["chain", "loop"])
 def test_collage_run(server, tmp_path, capsys, which):
     """The two collage workflows, small (COLLAGE_SMALL_RUN: 384x128, 128 px factors overlapping by 64, 2 steps;
@@ -652,20 +666,26 @@ def test_collage_run(server, tmp_path, capsys, which):
         assert seam < 2.0, f"the loop shows a seam where its ends meet: seam score {seam:.2f} ({path})"
 
 
+def small_photo(tmp_path):
+    """The shipped outpainting photo at 128x128 px (the small runs' input)."""
+    from PIL import Image
+    photo = tmp_path / "photo_128.png"
+    with Image.open(OUTPAINT_PHOTO) as full:
+        full.convert("RGB").resize((128, 128), Image.LANCZOS).save(photo)
+    return photo
+
+
 def test_collage_outpaint_run(server, tmp_path, capsys):
     """collage_outpaint.json, small: the shipped photo resized to 128x128, padded by 128 px left and right
     (384x128), 128 px factors overlapping by 64, 2 steps; run with two seeds. The photo's part of the canvas is
     replaced by its encoded latent every step, so it must change much less between the seeds than the outpainted
     sides. Main host only (CPU time)."""
     import numpy as np
-    from PIL import Image
 
     if server.kind != "main":
         pytest.skip("the outpaint run is checked on the main host only (CPU time)")
     announce(capsys, server, "collage outpaint run")
-    photo = tmp_path / "photo_128.png"
-    with Image.open(OUTPAINT_PHOTO) as full:
-        full.convert("RGB").resize((128, 128), Image.LANCZOS).save(photo)
+    photo = small_photo(tmp_path)
     small = ["--image", str(photo), "--set", "ImagePadForOutpaint.left=128", "--set", "ImagePadForOutpaint.right=128",
              "--set", "FactorGraphCollage.window_width=128", "--set", "FactorGraphCollage.window_height=128",
              "--set", "FactorGraphCollage.overlap=64", "--set", "ControlSyncSampler.steps=2"]
@@ -718,14 +738,11 @@ def test_upscale_run(server, tmp_path, capsys):
     """controlsync_upscale.json, small: the shipped photo resized to 128x128, upscaled 2x to a 256x256 canvas of 128 px
     windows (stride 64: 9 windows), 2 steps at denoise 0.45 with the tile ControlNet, the Low-pass Guide and Anchor
     Sync counted from the run (LPIPS-alex, its first of the 2 steps). Main host only (CPU time)."""
-    from PIL import Image
 
     if server.kind != "main":
         pytest.skip("the upscale run is checked on the main host only (CPU time)")
     announce(capsys, server, "upscale run")
-    photo = tmp_path / "photo_128.png"
-    with Image.open(OUTPAINT_PHOTO) as full:
-        full.convert("RGB").resize((128, 128), Image.LANCZOS).save(photo)
+    photo = small_photo(tmp_path)
     small = ["--image", str(photo), "--set", "ImageScaleBy.scale_by=2", "--set", "WindowPlanner.window_width=128",
              "--set", "WindowPlanner.window_height=128", "--set", "WindowPlanner.stride=64",
              "--set", "ControlSyncSampler.steps=2", "--set", "AnchorSync.lpips_net=alex",
@@ -735,10 +752,13 @@ def test_upscale_run(server, tmp_path, capsys):
     meta = json.loads(image.info["prompt"])
     sampler = next(n for n in meta.values() if n["class_type"] == "ControlSyncSampler")["inputs"]
     assert (sampler["steps"], sampler["denoise"]) == (2, 0.45) and isinstance(sampler["guide"], list)
+    borders = (64, 128, 192)  # where the 128 px windows at stride 64 begin and end
+    seam = grid_seam(pixels, borders)
     with capsys.disabled():
         print(f"[e2e] {server.describe()}: upscale 128 -> 256 px, 9 windows, 2 steps at denoise 0.45 (sync on the "
-              f"first, the guide every step) in {elapsed:.1f}s -> {path}")
+              f"first, the guide every step) in {elapsed:.1f}s; seam score at the window borders {seam:.2f} -> {path}")
     assert "AnchorSync: non-finite" not in server.log_tail(400), server.log_tail(400)
+    assert seam < SEAMLESS, f"the upscale shows seams at its window borders: {seam:.2f} ({path})"
 
 
 def test_errors_are_reported(server, tmp_path, capsys):

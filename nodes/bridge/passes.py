@@ -106,7 +106,6 @@ def denoise_regions(run, executor, model, conds, x_in, timestep, model_options, 
     plan = run.ctx.plan
     records = run.current_evaluation().outputs.get(Key("regions", model_options, *conds), {})
     moves = sync.moves if sync is not None else None
-    B = x_in.shape[0]
     outputs, todo = {}, []
     for i, c in enumerate(plan.coefficients):
         if c == 0:
