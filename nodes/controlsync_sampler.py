@@ -66,7 +66,8 @@ class ControlSyncSampler(io.ComfyNode):
                 io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale; 7.5 as in the papers (diffusers' default)."),
                 io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="ddim",
-                               tooltip="Any KSampler sampler. ddim as in the papers."),
+                               tooltip="Any KSampler sampler (with Anchor Sync all but uni_pc, sa_solver, dpm_fast and "
+                                       "dpm_adaptive, which cannot be synced). ddim as in the papers."),
                 io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="ddim_uniform",
                                tooltip="Any KSampler scheduler. ddim_uniform matches the papers' DDIM timesteps."),
                 io.Conditioning.Input("positive", tooltip="Positive prompt, with ControlNets applied to it (whole-canvas hints)."),
