@@ -214,6 +214,13 @@ def announce(capsys, srv, what: str) -> None:
         print(f"\n[e2e] {what}: {srv.describe()}")
 
 
+def announce_on_main_host(capsys, srv, what: str) -> None:
+    """The long workflow runs are checked on the main host only (CPU time); the older host converts them."""
+    if srv.kind != "main":
+        pytest.skip(f"the {what} is checked on the main host only (CPU time)")
+    announce(capsys, srv, what)
+
+
 def run_workflow(srv, out_dir: Path, *extra, timeout=RUN_TIMEOUT, workflow=WORKFLOW):
     """The README's command, as a user runs it."""
     cmd = [sys.executable, str(RUNNER), str(workflow), "--server", srv.url, "--out", str(out_dir), *extra]
@@ -567,9 +574,7 @@ def test_anchorsync_run(server, tmp_path, capsys):
     run with weight 0: the sync step has to change the picture. Main host only: CPU time."""
     import numpy as np
 
-    if server.kind != "main":
-        pytest.skip("the AnchorSync run is checked on the main host only (CPU time)")
-    announce(capsys, server, "AnchorSync run")
+    announce_on_main_host(capsys, server, "AnchorSync run")
     small = ["--image", str(server.assets.small_condition), "--verbose", *SMALL_RUN,
              "--set", "Anchor Sync (SyncDiffusion).lpips_net=alex", "--set", "AnchorSync.sync_steps=17",
                  # the shipped workflow's half-resolution loss sees 64 px windows here: too little for a tiny model
@@ -629,9 +634,7 @@ def test_collage_run(server, tmp_path, capsys, which):
     Anchor Sync has to change the picture against the same run at weight 0. Main host only (CPU time)."""
     from PIL import Image
 
-    if server.kind != "main":
-        pytest.skip("the collage runs are checked on the main host only (CPU time)")
-    announce(capsys, server, f"collage {which} run")
+    announce_on_main_host(capsys, server, f"collage {which} run")
     workflow, prefix = {"chain": (CHAIN_WORKFLOW, "ControlSync_chain"), "loop": (LOOP_WORKFLOW, "ControlSync_loop")}[which]
     extra = ["--set", "FactorGraphCollage.prompts=" + "\n".join(SMALL_CHAIN_PROMPTS)] if which == "chain" else \
         ["--set", "AnchorSync.lpips_net=alex", "--set", "AnchorSync.sync_steps=25", "--set", "AnchorSync.loss_resolution=full"]
@@ -682,9 +685,7 @@ def test_collage_outpaint_run(server, tmp_path, capsys):
     sides. Main host only (CPU time)."""
     import numpy as np
 
-    if server.kind != "main":
-        pytest.skip("the outpaint run is checked on the main host only (CPU time)")
-    announce(capsys, server, "collage outpaint run")
+    announce_on_main_host(capsys, server, "collage outpaint run")
     photo = small_photo(tmp_path)
     small = ["--image", str(photo), "--set", "ImagePadForOutpaint.left=128", "--set", "ImagePadForOutpaint.right=128",
              "--set", "FactorGraphCollage.window_width=128", "--set", "FactorGraphCollage.window_height=128",
@@ -718,9 +719,7 @@ def test_collage_cubemap_run(server, tmp_path, capsys):
     """collage_cubemap360.json, small: the shipped equirectangular drawing as 64 px cube faces, windows of a face
     overlapping by half, 2 steps: the saved equirectangular image is 256x128 and wraps in longitude (its left and
     right edges meet inside the back face, which the cube decode decodes in one piece). Main host only (CPU time)."""
-    if server.kind != "main":
-        pytest.skip("the cubemap run is checked on the main host only (CPU time)")
-    announce(capsys, server, "collage cubemap run")
+    announce_on_main_host(capsys, server, "collage cubemap run")
     small = ["--set", "ControlSyncEquirectToCubemap.face_size=64", "--set", "FactorGraphCollage.width=64",
              "--set", "FactorGraphCollage.height=64", "--set", "FactorGraphCollage.window_width=64",
              "--set", "FactorGraphCollage.window_height=64", "--set", "FactorGraphCollage.overlap=32",
@@ -739,9 +738,7 @@ def test_upscale_run(server, tmp_path, capsys):
     windows (stride 64: 9 windows), 2 steps at denoise 0.45 with the tile ControlNet, the Low-pass Guide and Anchor
     Sync counted from the run (LPIPS-alex, its first of the 2 steps). Main host only (CPU time)."""
 
-    if server.kind != "main":
-        pytest.skip("the upscale run is checked on the main host only (CPU time)")
-    announce(capsys, server, "upscale run")
+    announce_on_main_host(capsys, server, "upscale run")
     photo = small_photo(tmp_path)
     small = ["--image", str(photo), "--set", "ImageScaleBy.scale_by=2", "--set", "WindowPlanner.window_width=128",
              "--set", "WindowPlanner.window_height=128", "--set", "WindowPlanner.stride=64",
