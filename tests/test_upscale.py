@@ -134,10 +134,12 @@ def test_low_pass_guide_pulls_the_results_low_pass_to_y(s, encoded, denoise):
               "replacement": low_pass_error(s, sampled(s, latent, denoise, settings), y),
               "reconstruction": low_pass_error(s, sampled(s, latent, denoise, guide(s, "reconstruction")[0]), y)}
     print(f"[upscale] denoise {denoise}: ||H(result) - y|| / ||y||: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
-    # the tiny random model's x0 is far larger than y (from noise ~1000x): float32 rounds at that size
-    assert errors["none"] > 0.05
-    assert errors["replacement"] < 1e-6 * max(errors["none"], 1.0)
-    assert errors["reconstruction"] < 1e-2 * errors["none"]
+    # the tiny random model's x0 is far larger than y (from noise ~1000x, in img2img ~100x): float32 rounds at that
+    # size, so the bounds scale with the unguided miss (measured: replacement 4e-5 / 7e-6, reconstruction 4e-5 /
+    # 1.1e-4 of ||y||, unguided 1e3 / 1e2)
+    assert errors["none"] > 10
+    assert errors["replacement"] < 1e-6 * errors["none"]
+    assert errors["reconstruction"] < 1e-5 * errors["none"]
 
 
 def area_matrix(n, m):
