@@ -55,6 +55,18 @@ def load_taesd(latent_format, device):
     return _taesd_cache[key]
 
 
+def load_vae(vae) -> None:
+    """The VAE loaded beside the models the sampler is using (none of them unloaded for it)."""
+    comfy.model_management.load_models_gpu(comfy.model_management.loaded_models(only_currently_used=True) + [vae.patcher])
+
+
+def decode_latent(vae, latent_format, x0, dtype):
+    """The VAE's decoder on a model-space latent, differentiable (latent_format: an autograd_copy); video VAEs give
+    their one frame."""
+    image = vae.first_stage_model.decode(latent_format.process_out(x0).to(vae.device, vae.vae_dtype))
+    return (image[:, :, 0] if image.ndim == 5 else image).to(dtype)
+
+
 def loss_path(sync, model, x_in):
     """(decode, modules autograd runs through, loss, bytes per decoded pixel for the batch estimate) of
     AnchorSync's perceptual loss, its networks loaded."""
@@ -63,7 +75,7 @@ def loss_path(sync, model, x_in):
         device, loss_dtype, modules = x_in.device, torch.float32, []
     else:
         vae = sync.vae
-        comfy.model_management.load_models_gpu(comfy.model_management.loaded_models(only_currently_used=True) + [vae.patcher])
+        load_vae(vae)
         # LPIPS in float32 (float64 when the VAE runs in float64: exact gradient checks)
         device, loss_dtype, modules = vae.device, (torch.float64 if vae.vae_dtype == torch.float64 else torch.float32), [vae.first_stage_model]
     loss_net = load_lpips(sync.loss_net, device, loss_dtype)
@@ -76,9 +88,7 @@ def loss_path(sync, model, x_in):
             x0 = torch.nn.functional.avg_pool2d(x0, k) if x0.ndim == 4 else torch.nn.functional.avg_pool3d(x0, (1, k, k))
         if sync.loss_decoder == "taesd":  # TAESD reads the model-space latent, as in ComfyUI's previews
             return taesd.decode(x0.float()).to(loss_dtype)
-        z = latent_format.process_out(x0).to(sync.vae.device, sync.vae.vae_dtype)
-        image = sync.vae.first_stage_model.decode(z)
-        return (image[:, :, 0] if image.ndim == 5 else image).to(loss_dtype)  # video VAEs: the one frame
+        return decode_latent(sync.vae, latent_format, x0, loss_dtype)
 
     def loss(image, anchor_image):
         return loss_net(image.to(anchor_image.device), anchor_image, normalize=False)

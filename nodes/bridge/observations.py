@@ -17,6 +17,7 @@ import comfy.utils
 from ...sampling import gather, rect_region
 from ...sampling.conditional import Masking, collage_gradient, normal_residual, project
 from ...sampling.lowpass import AreaDownsample
+from .loss_models import decode_latent, load_vae
 from .autograd import adds_in_place, autograd_copy, control_modules, differentiable, gradient_options
 from .memory import halving_batches
 from .model_facts import latent_geometry
@@ -30,6 +31,14 @@ class Observation:
     y: torch.Tensor           # the observation, shaped like H(x0) or broadcastable to it
     method: str               # "replacement" | "reconstruction"
     weight: float = 1.0       # Reconstruction's w
+
+
+def check_guide_order(guide, plan) -> None:
+    """Refuse a Low-pass Guide on a plan sampled window after window."""
+    if guide is not None and getattr(plan, "order", "joint") == "autoregressive":
+        raise ValueError("guide: the Low-pass Guide constrains the whole canvas at every step; the autoregressive "
+                         "order samples one window after another. Set Factor Graph Collage's order to joint, or "
+                         "disconnect the guide")
 
 
 def check_guide(guide, plan, canvas_px: tuple[int, int], factor: int) -> None:
@@ -106,7 +115,8 @@ def pixel_guide(guide, patcher, latent_shape, factor, cubemap):
 class DecodedLowPass:
     """H(x0) = A(decode(x0)), A area downsampling of the decoded canvas onto y's pixel grid. The decoder runs on
     latent tiles of `tile` cells with `margin` cells of context each side (each tile's core is kept), so the
-    decoder's working memory does not grow with the canvas. Not linear: Reconstruction only. Its normal residual is J^T A^T (A decode(x0) - y), J
+    decoder's working memory does not grow with the canvas. Not linear: Reconstruction only, so it gives only its
+    normal residual (sampling/conditional.py's interface for observations that are not linear), which is J^T A^T (A decode(x0) - y), J
     the tiled decoder's Jacobian at x0 (one backward pass per tile), and its gain the Rayleigh quotient of H^T H
     along that residual e, ||A J e||^2 / ||e||^2 (J e by central differences): for a linear H with H H^T = g I
     this is g, the paper's gain; otherwise w 1 is the step that minimises the linearised error along e. Per step:
@@ -127,11 +137,6 @@ class DecodedLowPass:
                 core = (top, min(h, top + self.tile), left, min(w, left + self.tile))
                 yield window, core
 
-    def _decode(self, z):
-        image = self.vae.first_stage_model.decode(self.latent_format.process_out(z).to(self.vae.device,
-                                                                                      self.vae.vae_dtype))
-        return (image[:, :, 0] if image.ndim == 5 else image).to(torch.promote_types(z.dtype, torch.float32))
-
     def _tile_images(self, x0, with_grad_of=None):
         """The canvas decoded tile by tile (each tile's core kept); with `with_grad_of` (a tensor shaped like that
         image), instead the latent gradient sum over tiles of J_tile^T with_grad_of[core]."""
@@ -142,7 +147,7 @@ class DecodedLowPass:
             z = x0[..., y0:y1, x0_:x1].to(work)
             if with_grad_of is not None:
                 z = z.detach().clone().requires_grad_(True)
-            image = self._decode(z)
+            image = decode_latent(self.vae, self.latent_format, z, work)
             k = image.shape[-1] // (x1 - x0_)  # pixels per latent cell
             core = image[..., (cy0 - y0) * k:(cy1 - y0) * k, (cx0 - x0_) * k:(cx1 - x0_) * k]
             if with_grad_of is None:
@@ -155,17 +160,8 @@ class DecodedLowPass:
                 out[..., y0:y1, x0_:x1] += g.to(out.device)
         return out
 
-    def _load(self):
-        comfy.model_management.load_models_gpu(comfy.model_management.loaded_models(only_currently_used=True)
-                                               + [self.vae.patcher])
-
-    def __call__(self, x0: torch.Tensor) -> torch.Tensor:
-        self._load()
-        with torch.no_grad():
-            return self.area(self._tile_images(x0)).to(x0.device)
-
     def normal_residual(self, x0, y):
-        self._load()
+        load_vae(self.vae)
         with torch.no_grad():
             low = self.area(self._tile_images(x0))
         back = self.area.adjoint(low - y.to(low))
