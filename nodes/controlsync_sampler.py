@@ -95,11 +95,8 @@ class ControlSyncSampler(io.ComfyNode):
             logging.warning("ControlSync Sampler: the plan has one window, so AnchorSync has nothing to synchronise; "
                             "sampling without it")
             sync = None
+        bridge.check_guide_order(guide, plan)
         if getattr(plan, "order", "joint") == "autoregressive":
-            if guide is not None:
-                raise ValueError("guide: the Low-pass Guide constrains the whole canvas at every step; the autoregressive "
-                                 "order samples one window after another. Set Factor Graph Collage's order to joint, or "
-                                 "disconnect the guide")
             if sync is not None:
                 logging.warning("ControlSync Sampler: AnchorSync needs the windows sampled together; the "
                                 "autoregressive order samples them one after another, so it runs without sync")

@@ -33,8 +33,5 @@ class ControlSyncWindowedModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, plan, window_batch_size=0, sync=None, guide=None) -> io.NodeOutput:
-        if guide is not None and getattr(plan, "order", "joint") == "autoregressive":
-            raise ValueError("guide: the Low-pass Guide constrains the whole canvas at every step; the autoregressive "
-                             "order samples one window after another. Set Factor Graph Collage's order to joint, or "
-                             "disconnect the guide")
+        bridge.check_guide_order(guide, plan)
         return io.NodeOutput(bridge.windowed_model(model, plan, window_batch_size, sync, guide=guide))

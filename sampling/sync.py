@@ -140,12 +140,13 @@ def locate(sigmas: list[float], whole_schedules) -> tuple[int, int] | None:
     for whole in whole_schedules:
         total = len(whole) - 1
         for offset in range(total - n + 2):
-            if all(_close(a, b) for a, b in zip(whole[offset:offset + n], sigmas)):
+            if all(same_sigma(a, b) for a, b in zip(whole[offset:offset + n], sigmas)):
                 return offset, total
     return None
 
 
-def _close(a: float, b: float) -> bool:
+def same_sigma(a: float, b: float) -> bool:
+    """Two sigmas equal within float32 rounding of a schedule computed twice."""
     return abs(a - b) <= 1e-5 * max(abs(a), abs(b)) + 1e-8
 
 

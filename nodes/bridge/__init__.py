@@ -25,11 +25,11 @@ from .conds import check_hint_aspect
 from .config import GUIDE_METHODS, GUIDE_SPACES, GuideSettings, SyncSettings, WindowedConfig
 from .loss_models import load_lpips, load_taesd, lpips_backbone_path
 from .memory import auto_window_batch
-from .observations import check_guide
+from .observations import check_guide, check_guide_order
 from .model_facts import latent_geometry, layout_for, parameterisation, refuse_unsupported
 from .windowed import WRAPPER_KEY, windowed_model
 
 __all__ = ["differentiable", "sample_autoregressive", "check_hint_aspect", "GUIDE_METHODS", "GUIDE_SPACES",
-           "GuideSettings", "SyncSettings", "WindowedConfig", "check_guide",
+           "GuideSettings", "SyncSettings", "WindowedConfig", "check_guide", "check_guide_order",
            "load_lpips", "load_taesd", "lpips_backbone_path", "auto_window_batch", "latent_geometry", "layout_for",
            "parameterisation", "refuse_unsupported", "WRAPPER_KEY", "windowed_model"]

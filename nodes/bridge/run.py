@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 import comfy.samplers
 
 from ...sampling import MergeRule
-from ...sampling.sync import locate, noise_level
+from ...sampling.sync import locate, noise_level, same_sigma
 from .conds import WindowConds
 from .memory import automatic_batch
 from .model_facts import layout_for, parameterisation
@@ -163,7 +163,9 @@ def run_context(config, guider, latent_shape, sigmas, seed) -> RunContext:
     if config.sync is not None and config.focus is None and len(plan.regions) > 1:
         model_sampling = patcher.get_model_object("model_sampling")
         schedule = [float(s) for s in sigmas]
-        position = config.schedule_position or locate(schedule, whole_schedules(model_sampling, schedule))
+        # counted from the run, the steps are a whole schedule of their own: no search for where they come from
+        position = config.schedule_position or (None if config.sync.schedule.start == "run" else
+                                                locate(schedule, whole_schedules(model_sampling, schedule)))
         weights = tuple(config.sync.schedule.step_weights(
             schedule, lambda s: noise_level(s, model_sampling.percent_to_sigma), position))
     kind = parameterisation(patcher) if weights else "ve"
@@ -196,9 +198,9 @@ def whole_schedules(model_sampling, sigmas: list[float]):
         yield own
         if steps < 1:
             continue
-        if _close(own[0], sigmas[0]):
+        if same_sigma(own[0], sigmas[0]):
             yield from _by_bisection(whole, lambda w: w[1], sigmas[1], steps)
-        if _close(own[-1], sigmas[-1]):
+        if same_sigma(own[-1], sigmas[-1]):
             yield from _by_bisection(whole, lambda w: w[len(w) - 1 - steps] if len(w) > steps else None, sigmas[0], steps)
 
 
@@ -228,10 +230,6 @@ def _by_bisection(whole, key, target, steps):
 def _key(whole, key, total):
     found = whole(total)
     return None if found is None else key(found)
-
-
-def _close(a: float, b: float) -> bool:
-    return abs(a - b) <= 1e-5 * max(abs(a), abs(b)) + 1e-8
 
 
 def focused_layout(config, model, latent_shape):
